@@ -1,0 +1,127 @@
+"""The README's commands: set up the environment, build the book, run every test.
+
+Needs only Python 3.11+ on the machine; everything else is installed into ``.venv`` from PyPI,
+with the versions locked in ``constraints.txt``::
+
+    python3 tools/dev.py book     # build the rendered book into _build/html (executes the notebooks)
+    python3 tools/dev.py test     # ruff, unit tests, nbval on every chapter, strict book build
+    python3 tools/dev.py serve    # serve _build/html on http://localhost:8000
+
+The environment is (re)installed only when ``pyproject.toml`` or ``constraints.txt`` changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import time
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
+STAMP = VENV / ".qwen-edu-installed"
+NB_CACHE = ROOT / "_build" / ".jupyter_cache"
+EXTRAS = "book,test"
+
+
+def run(*args: str | os.PathLike, **kwargs) -> None:
+    printable = " ".join(str(a) for a in args)
+    print(f"\n$ {printable}", flush=True)
+    subprocess.run([str(a) for a in args], cwd=ROOT, check=True, **kwargs)
+
+
+def environment_fingerprint() -> str:
+    digest = hashlib.sha256()
+    for name in ("pyproject.toml", "constraints.txt"):
+        digest.update((ROOT / name).read_bytes())
+    digest.update(sys.version.encode())
+    return digest.hexdigest()
+
+
+def ensure_environment() -> None:
+    """Create .venv and install the package with its book and test extras, pinned by constraints.txt."""
+    if sys.version_info < (3, 11):  # noqa: UP036 (the script may be started by an old python3)
+        sys.exit(f"Python 3.11 or newer is needed; this is {sys.version.split()[0]}")
+    fingerprint = environment_fingerprint()
+    if PYTHON.exists() and STAMP.exists() and STAMP.read_text() == fingerprint:
+        return
+    if not PYTHON.exists():
+        print(f"creating virtual environment in {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    run(PYTHON, "-m", "pip", "install", "-q", "--upgrade", "pip")
+    run(PYTHON, "-m", "pip", "install", "-q", "-c", "constraints.txt", "-e", f".[{EXTRAS}]")
+    STAMP.write_text(fingerprint)
+
+
+def toc_notebooks() -> list[str]:
+    """Notebooks listed in _toc.yml, in book order."""
+    toc = (ROOT / "_toc.yml").read_text()
+    stems = re.findall(r"^\s*-?\s*file:\s*(notebooks/\S+)\s*$", toc, flags=re.MULTILINE)
+    return [f"{stem}.ipynb" for stem in stems]
+
+
+def command_book(_: argparse.Namespace) -> None:
+    ensure_environment()
+    run(BIN / "jupyter-book", "build", ".")
+    index = ROOT / "_build" / "html" / "index.html"
+    print(f"\nThe book is built. Open {index.as_uri()}\nor serve it with: python3 tools/dev.py serve")
+
+
+def command_test(args: argparse.Namespace) -> None:
+    ensure_environment()
+    timings: list[tuple[str, float]] = []
+
+    def step(name: str, *command: str | os.PathLike) -> None:
+        start = time.perf_counter()
+        run(*command)
+        timings.append((name, time.perf_counter() - start))
+
+    step("ruff", BIN / "ruff", "check", ".")
+    pytest_args = [
+        "-n", str(args.workers), "--dist", "loadfile",
+        "--nbval-lax", "--nbval-current-env", "--nbval-cell-timeout", "900",
+        "--nb-cache", str(NB_CACHE),
+        "tests", *toc_notebooks(),
+    ]
+    step("pytest: unit tests and notebooks (nbval)", PYTHON, "-m", "pytest", *pytest_args)
+    step("book build (strict, reuses the nbval executions)", BIN / "jupyter-book", "build", ".", "-W", "-n", "--keep-going")
+    print("\nAll checks passed.")
+    for name, seconds in timings:
+        print(f"  {seconds:7.1f} s  {name}")
+
+
+def command_serve(args: argparse.Namespace) -> None:
+    html = ROOT / "_build" / "html"
+    if not (html / "index.html").exists():
+        sys.exit("No built book yet: run `python3 tools/dev.py book` first.")
+    print(f"Serving {html} on http://localhost:{args.port} (Ctrl-C to stop)")
+    subprocess.run([sys.executable, "-m", "http.server", str(args.port), "--directory", str(html)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("book", help="build the rendered book").set_defaults(func=command_book)
+    test = sub.add_parser("test", help="run every test (ruff, unit, notebooks, strict book build)")
+    test.add_argument("--workers", type=int, default=2, help="pytest-xdist workers (default 2)")
+    test.set_defaults(func=command_test)
+    serve = sub.add_parser("serve", help="serve the built book over HTTP")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(func=command_serve)
+    sub.add_parser("env", help="only create/update .venv").set_defaults(func=lambda _: ensure_environment())
+    args = parser.parse_args()
+    try:
+        args.func(args)
+    except subprocess.CalledProcessError as error:
+        sys.exit(f"\nFAILED (exit {error.returncode}): {' '.join(map(str, error.cmd))}")
+
+
+if __name__ == "__main__":
+    main()
