@@ -65,8 +65,7 @@ _QWEN1_KEYS = {
     "num_attention_heads", "n_head", "kv_channels", "intermediate_size", "ffn_hidden_size",
     "layer_norm_epsilon", "rotary_emb_base", "rotary_pct", "seq_length", "max_position_embeddings",
     "n_positions", "use_dynamic_ntk", "use_logn_attn", "no_bias", "tie_word_embeddings",
-    "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype", "attn_dropout_prob",
-    "emb_dropout_prob",
+    "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype",
 }
 
 
@@ -286,6 +285,8 @@ class QwenConfig:
         )
         if self.head_dim != self.hidden_size // self.num_attention_heads:
             out["head_dim"] = self.head_dim
+        if self.max_window_layers is None:  # transformers 5.x rejects an explicit null here
+            out.pop("max_window_layers")
         if self.torch_dtype is not None:
             out["torch_dtype"] = self.torch_dtype
         out.setdefault("architectures", ["Qwen2ForCausalLM"])
