@@ -137,6 +137,14 @@ def test_encode_piece_and_cache(qwen):
     assert info.currsize <= 4 and info.maxsize == 4
 
 
+def test_pickle_round_trip(qwen):
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(qwen))
+    assert copy.encode(FIXED_TEXTS["mixed"]) == qwen.encode(FIXED_TEXTS["mixed"])
+    assert copy.special_tokens == qwen.special_tokens
+
+
 def test_batch_and_array_inputs(qwen):
     import numpy as np
     import torch

@@ -102,8 +102,23 @@ class Tokenizer:
             if eos_token is not None
             else _first_present(self._special_tokens, ("<|endoftext|>", IM_END))
         )
-        self._encode_chunk = functools.lru_cache(maxsize=cache_size)(self._encode_chunk_uncached)
+        self._cache_size = cache_size
+        self._make_caches()
+
+    def _make_caches(self) -> None:
+        self._encode_chunk = functools.lru_cache(maxsize=self._cache_size)(self._encode_chunk_uncached)
         self._special_regex = functools.lru_cache(maxsize=64)(self._build_special_regex)
+
+    def __getstate__(self) -> dict[str, object]:
+        # The caches wrap bound methods and cannot be pickled (DataLoader workers pickle datasets
+        # that hold a tokenizer): drop them and rebuild them empty on the other side.
+        state = self.__dict__.copy()
+        del state["_encode_chunk"], state["_special_regex"]
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._make_caches()
 
     # --- sizes and lookups ---------------------------------------------------------------------
 
