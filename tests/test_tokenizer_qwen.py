@@ -337,7 +337,34 @@ def test_gap_in_ranks(tmp_path, vocab_lines):
 
 
 def test_missing_source(tmp_path):
-    with pytest.raises(FileNotFoundError, match="local files only"):
+    with pytest.raises(FileNotFoundError, match="not a Hugging Face hub id"):
         load_tokenizer(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="neither tokenizer.json nor vocab.json"):
         load_tokenizer(tmp_path)
+
+
+def test_hub_id_downloads_only_the_tokenizer_files(tmp_path, monkeypatch):
+    """A hub id goes through huggingface_hub (mocked here: the tests are offline)."""
+    import huggingface_hub
+
+    qwen = load_tokenizer()
+    folder = tmp_path / "snapshot"
+    qwen_edu.tokenizer.save_pretrained(qwen, folder)
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        calls.append((repo_id, allow_patterns))
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    from_hub = load_tokenizer("Qwen/Qwen2-0.5B")
+    assert calls and calls[0][0] == "Qwen/Qwen2-0.5B"
+    assert not any(p.endswith(".safetensors") for p in calls[0][1]), "weights are not downloaded"
+    assert from_hub.encode("Hello world, 你好") == qwen.encode("Hello world, 你好")
+
+    def offline(repo_id, allow_patterns=None, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(FileNotFoundError, match="downloading it from the Hugging Face hub failed"):
+        load_tokenizer("Qwen/Qwen2-0.5B")

