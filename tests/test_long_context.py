@@ -1,0 +1,170 @@
+"""Context-extension pieces: LogN, window attention, Dual Chunk Attention, per-position loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from qwen_edu.long_context import (
+    dca_position_tables,
+    dual_chunk_attention,
+    layer_window_sizes,
+    logn_scale,
+    per_position_nll,
+    window_mask,
+)
+from qwen_edu.models import Qwen2ForCausalLM, QwenConfig, eager_attention
+from qwen_edu.models.layers import causal_mask
+from qwen_edu.models.rope import apply_rotary_pos_emb, compute_rope_parameters
+
+
+# --- LogN -----------------------------------------------------------------------------------------
+
+
+def test_logn_is_one_inside_the_training_length_and_log_ratio_beyond():
+    positions = torch.tensor([0, 8190, 8191, 16383, 32767])
+    factors = logn_scale(positions, 8192)
+    assert factors[:3].tolist() == [1.0, 1.0, 1.0]  # p + 1 <= 8192
+    # The reference's worked examples (seq_length 8192): 16383 -> 1.0769, 32767 -> 1.1538.
+    assert factors[3].item() == pytest.approx(math.log(16384) / math.log(8192))
+    assert factors[3].item() == pytest.approx(1.0769, abs=1e-4)
+    assert factors[4].item() == pytest.approx(1.1538, abs=1e-4)
+
+
+def test_logn_matches_the_model_attention_rule():
+    """qwen_edu's Qwen-1 attention applies the same factor (one rule, one place of truth)."""
+    from qwen_edu.models.layers import Attention
+
+    attn = Attention(64, 4, logn_seq_length=16)
+    positions = torch.arange(40)[None]
+    torch.testing.assert_close(attn._logn(positions)[0, 0, :, 0], logn_scale(positions[0], 16))
+
+
+# --- window attention -----------------------------------------------------------------------------
+
+
+def test_window_sizes_grow_from_lower_to_upper_layers():
+    assert layer_window_sizes(4, 64, 512) == [64, 213, 363, 512]
+    assert layer_window_sizes(4, 64, 512, schedule="step") == [64, 64, 512, 512]
+    assert layer_window_sizes(1, 64, 512) == [512]
+    sizes = layer_window_sizes(12, 128, 2048)
+    assert sizes == sorted(sizes) and sizes[0] == 128 and sizes[-1] == 2048
+
+
+def test_window_mask_keeps_exactly_the_last_w_keys():
+    mask = window_mask(6, 6, 3)[0, 0]
+    visible = (mask == 0).int()
+    expected = torch.tensor([[1 if i - 3 < j <= i else 0 for j in range(6)] for i in range(6)])
+    assert torch.equal(visible, expected)
+    full = window_mask(5, 9, None)
+    torch.testing.assert_close(full, causal_mask(5, 9, torch.float32))
+    assert torch.equal(window_mask(5, 9, 100), full), "a window longer than the context is full attention"
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda: layer_window_sizes(0, 8, 16), "num_layers must be >= 1"),
+        (lambda: layer_window_sizes(4, 0, 16), "window sizes must be >= 1"),
+        (lambda: layer_window_sizes(4, 32, 16), "largest window 16 is smaller"),
+        (lambda: layer_window_sizes(4, 8, 16, schedule="cosine"), "unknown window schedule"),
+        (lambda: window_mask(4, 8, 0), "window must be >= 1"),
+        (lambda: window_mask(9, 8, 4), "q_len=9 exceeds kv_len=8"),
+        (lambda: logn_scale(torch.arange(3), 1), "training_length must be >= 2"),
+        (lambda: dca_position_tables(10, 8, 8), "need 0 <= local_size < chunk_size"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+# --- Dual Chunk Attention -----------------------------------------------------------------------
+
+
+def test_dca_tables_follow_the_chunk_layout():
+    tables = dca_position_tables(20, chunk_size=8, local_size=2)
+    assert tables.chunk_len == 6
+    assert tables.key.tolist() == [p % 6 for p in range(20)]
+    assert tables.intra.tolist() == tables.key.tolist()
+    assert tables.successive.tolist() == [min(p % 6 + 6, 8) for p in range(20)]
+    assert set(tables.inter.tolist()) == {8}  # min(2 * 6 - 1, 8)
+
+
+@pytest.mark.parametrize("chunk_size,local_size", [(8, 2), (16, 4), (12, 0)])
+def test_dca_never_uses_a_distance_beyond_the_chunk_size(chunk_size, local_size):
+    length = 5 * chunk_size
+    t = dca_position_tables(length, chunk_size, local_size)
+    chunk = torch.arange(length) // t.chunk_len
+    gap = chunk[:, None] - chunk[None, :]
+    query_pos = torch.where(gap == 0, t.intra[:, None], torch.where(gap == 1, t.successive[:, None], t.inter[:, None]))
+    distance = query_pos - t.key[None, :]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    assert int(distance[causal].min()) >= 0
+    assert int(distance[causal].max()) <= chunk_size
+    # Successive-chunk distances stay exact for the first local_size positions of a chunk.
+    true_distance = torch.arange(length)[:, None] - torch.arange(length)[None, :]
+    near = (gap == 1) & (t.intra[:, None] < local_size)
+    assert torch.equal(distance[near], true_distance[near])
+
+
+def _attention_inputs(length: int, heads: int = 4, kv_heads: int = 2, dim: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, heads, length, dim, generator=g)
+    k = torch.randn(2, kv_heads, length, dim, generator=g)
+    v = torch.randn(2, kv_heads, length, dim, generator=g)
+    return q, k, v
+
+
+def test_dca_equals_plain_rope_attention_within_one_chunk():
+    q, k, v = _attention_inputs(10)
+    inv_freq, _ = compute_rope_parameters(16, 10000.0)
+    out = dual_chunk_attention(q, k, v, inv_freq, chunk_size=16, local_size=4)  # chunk_len 12 > 10
+    positions = torch.arange(10)[None]
+    angles = positions[..., None].float() * inv_freq
+    emb = torch.cat((angles, angles), -1)
+    qr, kr = apply_rotary_pos_emb(q, k, emb.cos(), emb.sin())
+    expected = eager_attention(qr, kr, v, causal_mask(10, 10, torch.float32), 16**-0.5)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dca_scores_use_the_remapped_positions():
+    """Check one far-away pair by hand: its score must equal q at the inter position times k at p mod c."""
+    q, k, v = _attention_inputs(30, heads=1, kv_heads=1, seed=3)
+    inv_freq, _ = compute_rope_parameters(16, 10000.0)
+    t = dca_position_tables(30, 8, 2)
+
+    def rotate(x, position):
+        angle = position * inv_freq
+        emb = torch.cat((angle, angle))
+        return x * emb.cos() + torch.cat((-x[8:], x[:8])) * emb.sin()
+
+    i, j = 25, 3  # chunks 4 and 0: an inter-chunk pair
+    score = rotate(q[0, 0, i], int(t.inter[i])) @ rotate(k[0, 0, j], int(t.key[j])) / 4.0
+    # Recover the score from the output by attending with a one-hot value per key.
+    eye_v = torch.eye(30)[None, None].expand(2, 1, 30, 30)
+    probs = dual_chunk_attention(q, k, eye_v, inv_freq, 8, 2)[0, 0, i]
+    logits = torch.log(probs[: i + 1])
+    assert (logits[j] - logits[0]).item() == pytest.approx(
+        (score - rotate(q[0, 0, i], int(t.inter[i])) @ rotate(k[0, 0, 0], 0) / 4.0).item(), abs=1e-4
+    )
+
+
+# --- evaluation -------------------------------------------------------------------------------------
+
+
+def test_per_position_nll_matches_a_direct_computation():
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(QwenConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2)).eval()
+    ids = torch.randint(0, 64, (5, 12))
+    nll = per_position_nll(model, ids, batch_size=2)
+    assert nll.shape == (11,)
+    logits = model(ids).logits
+    direct = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1),
+                                               reduction="none").view(5, 11).mean(0)
+    torch.testing.assert_close(nll, direct.detach(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="num_sequences, length >= 2"):
+        per_position_nll(model, ids[0])
