@@ -288,24 +288,45 @@ def _config_hints(config: Any, infos: dict[str, TensorInfo], missing: list[str])
 # ---------------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------------
-def _copy_into(target: torch.Tensor, file: Path, key: str, rows: tuple[int, int] | None) -> None:
-    """Fill ``target`` from ``file[key][rows]`` chunk by chunk.
+class _MappedReader:
+    """Hands out row slices of safetensors tensors as views of the memory-mapped files.
 
-    ``safe_open`` memory-maps the file and hands out views of it; the mapping (and with it the file
-    pages counted in our resident memory) lives until the handle and all views are gone. Re-opening
-    per chunk therefore bounds the extra resident memory to about one chunk.
+    A ``safe_open`` handle maps the whole file, and every page we touch through it stays resident
+    until the handle and all views of it are gone. Re-opening a file's map after ``budget`` bytes
+    have been read through it bounds that extra resident memory to about ``budget``, while a few
+    dozen re-opens (instead of one per tensor) keep loading fast.
     """
-    first, last = rows if rows is not None else (0, target.shape[0] if target.dim() else 1)
+
+    def __init__(self, budget: int = _CHUNK_BYTES) -> None:
+        self.budget = budget
+        self.handles: dict[Path, Any] = {}
+        self.used: dict[Path, int] = {}
+
+    def rows(self, file: Path, key: str, a: int, b: int, nbytes: int) -> torch.Tensor:
+        if file not in self.handles or self.used[file] + nbytes > self.budget:
+            self.handles.pop(file, None)  # release the old map (and its resident pages) first
+            self.handles[file] = safe_open(file, framework="pt")
+            self.used[file] = 0
+        self.used[file] += nbytes
+        return self.handles[file].get_slice(key)[a:b]
+
+    def close(self) -> None:
+        self.handles.clear()
+
+
+def _copy_into(target: torch.Tensor, file: Path, key: str, rows: tuple[int, int] | None,
+               reader: _MappedReader | None = None) -> None:
+    """Fill ``target`` (any dtype/device) from ``file[key][rows]``, at most ``_CHUNK_BYTES`` at a time."""
+    reader = reader if reader is not None else _MappedReader()
     if target.dim() == 0:
-        with safe_open(file, framework="pt") as fh:
-            target.copy_(fh.get_tensor(key))
+        target.copy_(reader.rows(file, key, 0, 1, target.element_size()).reshape(()))
         return
+    first, last = rows if rows is not None else (0, target.shape[0])
     row_bytes = max(1, target[0].numel() * target.element_size())
     step = max(1, _CHUNK_BYTES // row_bytes)
     for a in range(first, last, step):
         b = min(a + step, last)
-        with safe_open(file, framework="pt") as fh:
-            chunk = fh.get_slice(key)[a:b]
+        chunk = reader.rows(file, key, a, b, (b - a) * row_bytes)
         target[a - first:b - first].copy_(chunk)
         del chunk
 
@@ -354,15 +375,19 @@ def load_model(path_or_hub_id: str | os.PathLike, dtype: torch.dtype | str | Non
         model = entry.model_class(config)
     plan = _plan(model, entry, config, infos)  # raises before any weight is read
 
-    for name, param in list(model.named_parameters()):
-        src, info = plan[name]
-        tensor = torch.empty(param.shape, dtype=target_dtype if param.is_floating_point() else param.dtype,
-                             device=target_device)
-        try:
-            _copy_into(tensor, info.file, src.key, src.rows)
-        except Exception as exc:
-            raise CorruptCheckpointError(f"{info.file}: reading tensor {src.key!r} failed: {exc}") from exc
-        _set_parameter(model, name, tensor)
+    reader = _MappedReader()
+    try:
+        for name, param in list(model.named_parameters()):
+            src, info = plan[name]
+            tensor = torch.empty(param.shape, dtype=target_dtype if param.is_floating_point() else param.dtype,
+                                 device=target_device)
+            try:
+                _copy_into(tensor, info.file, src.key, src.rows, reader)
+            except Exception as exc:
+                raise CorruptCheckpointError(f"{info.file}: reading tensor {src.key!r} failed: {exc}") from exc
+            _set_parameter(model, name, tensor)
+    finally:
+        reader.close()
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     model.to(target_device)  # buffers (RoPE frequencies) follow the weights

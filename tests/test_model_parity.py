@@ -204,3 +204,24 @@ def test_compare_tool_finds_the_first_differing_module(gqa):
     assert report.first_mismatch.name == "model.layers.1.mlp.up_proj" and report.first_layer == 1
     assert "first mismatch: model.layers.1.mlp.up_proj" in str(report)
     assert all(r.ok for r in report.rows if r.name.startswith("model.layers.0"))
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "linear", "factor": 2.0},
+        {"rope_type": "dynamic", "factor": 2.0},
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    ],
+)
+def test_rope_scaling_checkpoints_match_reference(tmp_path, rope):
+    """A config with rope scaling loads (meta-device build included) and matches HF, also past the
+    original context where dynamic NTK changes its base."""
+    folder = make_tiny_qwen2_checkpoint(tmp_path, seed=9, max_position_embeddings=32,
+                                        rope_parameters={"rope_theta": 10000.0, **rope})
+    model, ref = qwen_edu.load_model(folder, attn_implementation="eager"), load_reference(folder)
+    assert model.config.rope_scaling["rope_type"] == rope["rope_type"]
+    for length in (12, 48):
+        ids = _ids(batch=1, length=length, seed=length)
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)

@@ -170,9 +170,10 @@ class RotaryEmbedding(nn.Module):
 
     def reset_frequencies(self, device: torch.device | None = None) -> None:
         """Recompute the fp32 frequencies (at init, and after any ``.to()``: a bf16 copy would be wrong)."""
-        inv_freq, self.attention_scaling = compute_rope_parameters(
-            self.head_dim, self.rope_theta, self.rope_scaling, self.max_position_embeddings
-        )
+        with torch.device("cpu"):  # real numbers even while the model is being built on "meta"
+            inv_freq, self.attention_scaling = compute_rope_parameters(
+                self.head_dim, self.rope_theta, self.rope_scaling, self.max_position_embeddings
+            )
         device = device if device is not None else self.inv_freq.device
         self.inv_freq = inv_freq.to(device)
         self.original_inv_freq = self.inv_freq
@@ -191,9 +192,10 @@ class RotaryEmbedding(nn.Module):
             seq_len = int(position_ids.max()) + 1
             cached = self.max_seq_len_cached
             if seq_len > cached:
-                inv_freq, self.attention_scaling = compute_rope_parameters(
-                    self.head_dim, self.rope_theta, self.rope_scaling, self.max_position_embeddings, seq_len
-                )
+                with torch.device("cpu"):
+                    inv_freq, self.attention_scaling = compute_rope_parameters(
+                        self.head_dim, self.rope_theta, self.rope_scaling, self.max_position_embeddings, seq_len
+                    )
                 self.inv_freq = inv_freq.to(self.inv_freq.device)
                 self.max_seq_len_cached = seq_len
             if seq_len < self.max_position_embeddings < cached:
@@ -203,8 +205,9 @@ class RotaryEmbedding(nn.Module):
             # Qwen-1 picks alpha from the prompt length at prefill and keeps it while decoding.
             length = position_ids.shape[-1]
             if length != self.ntk_length:
-                inv_freq, _ = compute_rope_parameters(self.head_dim, self.rope_theta, self.rope_scaling,
-                                                      self.max_position_embeddings, length)
+                with torch.device("cpu"):
+                    inv_freq, _ = compute_rope_parameters(self.head_dim, self.rope_theta, self.rope_scaling,
+                                                          self.max_position_embeddings, length)
                 self.inv_freq = inv_freq.to(self.inv_freq.device)
                 self.ntk_length = length
 
