@@ -1,191 +1,117 @@
-"""Training-free context extension: the pieces Qwen used to read past its training length.
+"""Reading past the training length: switch context-extension methods on, and measure them.
 
-Qwen-1 trained at 2,048 tokens and read 8,192 at inference by combining NTK-aware RoPE (and its
-dynamic variant, see :mod:`qwen_edu.models.rope`), LogN attention scaling and layer-wise window
-attention; Qwen2 added YaRN and Dual Chunk Attention (DCA). This module holds what is not a RoPE
-frequency rule:
+:func:`extend_context` returns a copy of a dense Qwen model with any combination of
 
-- :func:`logn_scale`: the query multiplier ``log(p + 1) / log(T)`` beyond the training length ``T``.
-- :func:`layer_window_sizes` and :func:`window_mask`: shorter attention windows in lower layers.
-- :func:`dca_position_tables` and :func:`dual_chunk_attention`: DCA's remapped positions, so that no
-  query-key distance ever exceeds the chunk size the model was trained on.
-- :func:`per_position_nll`: the measurement that shows whether any of it works.
+- a RoPE scaling rule (``"linear"`` position interpolation, static ``"ntk"``, ``"dynamic"`` NTK as in
+  transformers, Qwen-1's ``"qwen1_ntk"`` with alpha fixed at prefill, ``"yarn"``),
+- Qwen-1's LogN attention scaling,
+- layer-wise window attention (shorter windows in lower layers),
+- Dual Chunk Attention,
+
+and :func:`per_position_nll` measures the loss at every position of long sequences, the curve that
+shows whether the model still uses (or at least survives) the extra context. The attention-level
+pieces live in :mod:`qwen_edu.models.long_context` and are re-exported here.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import copy
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from qwen_edu.models.rope import rotate_half
+from qwen_edu.models.long_context import (
+    DualChunk,
+    DualChunkTables,
+    dca_position_tables,
+    dual_chunk_attention,
+    layer_window_sizes,
+    logn_scale,
+    window_mask,
+)
+from qwen_edu.models.rope import ROPE_INIT_FUNCTIONS, RotaryEmbedding
 
 __all__ = [
-    "logn_scale",
-    "layer_window_sizes",
-    "window_mask",
+    "DualChunk",
     "DualChunkTables",
     "dca_position_tables",
     "dual_chunk_attention",
+    "extend_context",
+    "layer_window_sizes",
+    "logn_scale",
     "per_position_nll",
+    "window_mask",
 ]
 
 
-def logn_scale(positions: torch.Tensor, training_length: int) -> torch.Tensor:
-    """Qwen-1's LogN factor per query position: ``log(p + 1) / log(T)`` once ``p + 1 > T``, else 1.
+def extend_context(model: nn.Module, training_length: int, *, rope: str | None = None, factor: float = 1.0,
+                   logn: bool = False, window_sizes: Sequence[int | None] | None = None,
+                   dual_chunk: tuple[int, int] | None = None, **rope_options: Any) -> nn.Module:
+    """A copy of ``model`` configured to read sequences longer than ``training_length``.
 
-    Multiplying the query by it keeps the attention entropy from growing as more keys compete for
-    the softmax. The result is float32 with the shape of ``positions``.
+    Args:
+        model: a dense Qwen causal LM from :mod:`qwen_edu.models` (left untouched).
+        training_length: the context length the model was trained at (``T``).
+        rope: ``None`` (keep plain RoPE), ``"linear"``, ``"ntk"``, ``"dynamic"``, ``"qwen1_ntk"`` or
+            ``"yarn"``; ``factor`` is the extension factor (>= 1) for those that take one, and
+            ``rope_options`` go into the ``rope_scaling`` dict (e.g. ``beta_fast`` for YaRN).
+        logn: scale queries by ``log(p + 1) / log(T)`` beyond ``T`` (Qwen-1's LogN).
+        window_sizes: one attention window per layer (``None`` = full attention), e.g. from
+            :func:`layer_window_sizes`.
+        dual_chunk: ``(chunk_size, local_size)`` to evaluate with Dual Chunk Attention (no KV cache).
     """
     if training_length < 2:
         raise ValueError(f"training_length must be >= 2, got {training_length}")
-    p1 = (positions + 1).to(torch.float32)
-    return torch.where(p1 > training_length, torch.log(p1) / math.log(training_length), torch.ones_like(p1))
+    if factor < 1:
+        raise ValueError(f"factor must be >= 1 (it extends the context), got {factor}")
+    layers = model.model.layers
+    if window_sizes is not None and len(window_sizes) != len(layers):
+        raise ValueError(f"window_sizes has {len(window_sizes)} entries but the model has {len(layers)} layers")
+    if window_sizes is not None and any(w is not None and w < 1 for w in window_sizes):
+        raise ValueError(f"window sizes must be >= 1 token or None, got {list(window_sizes)}")
+    if dual_chunk is not None:
+        chunk_size, local_size = dual_chunk
+        if chunk_size > training_length:
+            raise ValueError(f"DCA chunk_size {chunk_size} exceeds the training length {training_length}")
+        dca_position_tables(1, chunk_size, local_size)  # validates the sizes
+        if window_sizes is not None or logn:
+            raise ValueError("dual_chunk replaces the attention pattern; combine it with rope scaling only")
 
-
-def layer_window_sizes(num_layers: int, smallest: int, largest: int, schedule: str = "linear") -> list[int]:
-    """Per-layer attention windows, short in the lower layers and long in the upper ones.
-
-    The Qwen report observed that lower layers are more sensitive to context extension than higher
-    ones, and gave them shorter windows. ``schedule="linear"`` interpolates from ``smallest`` (layer 0)
-    to ``largest`` (last layer); ``"step"`` gives the lower half ``smallest`` and the upper half
-    ``largest``. A window at least as long as the sequence is full causal attention.
-    """
-    if num_layers < 1:
-        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-    if smallest < 1:
-        raise ValueError(f"window sizes must be >= 1 token, got smallest={smallest}")
-    if largest < smallest:
-        raise ValueError(f"largest window {largest} is smaller than the smallest {smallest}")
-    if schedule == "step":
-        return [smallest if i < num_layers // 2 else largest for i in range(num_layers)]
-    if schedule != "linear":
-        raise ValueError(f"unknown window schedule {schedule!r}; use 'linear' or 'step'")
-    if num_layers == 1:
-        return [largest]
-    return [round(smallest + (largest - smallest) * i / (num_layers - 1)) for i in range(num_layers)]
-
-
-def window_mask(q_len: int, kv_len: int, window: int | None, dtype: torch.dtype = torch.float32,
-                device: torch.device | str | None = None) -> torch.Tensor:
-    """Additive causal mask ``[1, 1, q_len, kv_len]`` that also hides keys more than ``window - 1`` back.
-
-    Key ``j`` is visible to the query at (bottom-right aligned) position ``i`` when
-    ``i - window < j <= i``: the last ``window`` tokens including the query's own, as in the
-    reference's sliding-window attention. ``window=None`` is plain causal attention.
-    """
-    if q_len > kv_len:
-        raise ValueError(f"q_len={q_len} exceeds kv_len={kv_len}")
-    if window is not None and window < 1:
-        raise ValueError(f"window must be >= 1 token (or None for full attention), got {window}")
-    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
-    k_pos = torch.arange(kv_len, device=device)[None, :]
-    allowed = k_pos <= q_pos
-    if window is not None:
-        allowed &= k_pos > q_pos - window
-    zero = torch.zeros((), dtype=dtype, device=device)
-    return torch.where(allowed, zero, torch.finfo(dtype).min)[None, None]
-
-
-@dataclass(frozen=True)
-class DualChunkTables:
-    """DCA's position tables for a sequence (all ``[seq_len]`` long integer tensors).
-
-    ``key``: every key sits at ``p mod chunk_len``. ``intra``: queries attending inside their own chunk
-    use the same numbering. ``successive``: queries attending to the previous chunk are shifted up by
-    ``chunk_len`` (clamped at ``chunk_size``), which keeps the first ``local_size`` distances exact.
-    ``inter``: queries attending to any earlier chunk sit at one fixed position, the largest the model
-    saw in training, so every such distance stays inside the trained range.
-    """
-
-    chunk_size: int
-    local_size: int
-    key: torch.Tensor
-    intra: torch.Tensor
-    successive: torch.Tensor
-    inter: torch.Tensor
-
-    @property
-    def chunk_len(self) -> int:
-        return self.chunk_size - self.local_size
-
-
-def dca_position_tables(seq_len: int, chunk_size: int, local_size: int,
-                        device: torch.device | str | None = None) -> DualChunkTables:
-    """Position ids for Dual Chunk Attention (An et al., 2024), laid out as vLLM's Qwen2 backend does.
-
-    ``chunk_size`` is at most the training length; ``local_size`` (< ``chunk_size``) is the window over
-    which successive-chunk distances stay exact. Chunks are ``chunk_len = chunk_size - local_size`` long.
-    """
-    if not 0 <= local_size < chunk_size:
-        raise ValueError(f"need 0 <= local_size < chunk_size, got local_size={local_size}, chunk_size={chunk_size}")
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    chunk_len = chunk_size - local_size
-    positions = torch.arange(seq_len, device=device)
-    within = positions % chunk_len
-    return DualChunkTables(
-        chunk_size=chunk_size,
-        local_size=local_size,
-        key=within,
-        intra=within,
-        successive=(within + chunk_len).clamp(max=chunk_size),
-        inter=torch.full_like(within, min(2 * chunk_len - 1, chunk_size)),
-    )
-
-
-def _rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float) -> torch.Tensor:
-    """RoPE (half-split) of ``x [B, H, L, d]`` at integer ``positions [L]``, computed in fp32."""
-    angles = positions.to(torch.float32)[:, None] * inv_freq.to(x.device)[None, :]
-    emb = torch.cat((angles, angles), dim=-1)
-    cos, sin = emb.cos() * scaling, emb.sin() * scaling
-    x32 = x.to(torch.float32)
-    return (x32 * cos + rotate_half(x32) * sin).to(x.dtype)
-
-
-def dual_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_freq: torch.Tensor,
-                         chunk_size: int, local_size: int, scale: float | None = None,
-                         attention_scaling: float = 1.0) -> torch.Tensor:
-    """Causal attention over a whole sequence with DCA's positions; ``q, k, v`` are *not* yet rotated.
-
-    ``q [B, H, L, d]``, ``k, v [B, H_kv, L, d]``. Each query gets three rotated copies (intra,
-    successive, inter) and each key one; every (query, key) pair takes its score from the copy that
-    matches the pair's chunk relation, and a single softmax runs over all keys. This is the exact
-    (quadratic-memory) reference form, meant for evaluation; the fused kernels in inference engines
-    compute the same thing block by block.
-    """
-    batch, heads, length, dim = q.shape
-    if k.shape[-2] != length:
-        raise ValueError("dual_chunk_attention evaluates a whole sequence: q and k must have the same length")
-    tables = dca_position_tables(length, chunk_size, local_size, device=q.device)
-    scale = dim**-0.5 if scale is None else scale
-    n_rep = heads // k.shape[1]
-    k_rot = _rotate(k, tables.key, inv_freq, attention_scaling).repeat_interleave(n_rep, dim=1)
-    v = v.repeat_interleave(n_rep, dim=1)
-
-    chunk_of = torch.arange(length, device=q.device) // tables.chunk_len
-    gap = chunk_of[:, None] - chunk_of[None, :]  # [L, L]: 0 same chunk, 1 previous, >1 earlier
-    scores = torch.empty(batch, heads, length, length, dtype=torch.float32, device=q.device)
-    for positions, region in ((tables.intra, gap == 0), (tables.successive, gap == 1), (tables.inter, gap > 1)):
-        if bool(region.any()):
-            q_rot = _rotate(q, positions, inv_freq, attention_scaling)
-            part = torch.matmul(q_rot.float(), k_rot.float().transpose(-1, -2)) * scale
-            scores = torch.where(region, part, scores)
-    causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
-    scores = scores.masked_fill(~causal, float("-inf"))
-    probs = scores.softmax(dim=-1).to(v.dtype)
-    return torch.matmul(probs, v)
+    extended = copy.deepcopy(model)
+    old = extended.model.rotary_emb
+    if rope is not None:
+        if rope not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(f"unknown rope scaling {rope!r}; known: {sorted(ROPE_INIT_FUNCTIONS)}")
+        scaling: dict[str, Any] = {"rope_type": rope, "factor": float(factor), **rope_options}
+        if rope == "yarn":
+            scaling.setdefault("original_max_position_embeddings", training_length)
+        if rope == "qwen1_ntk":
+            scaling["seq_length"] = training_length
+        extended.model.rotary_emb = RotaryEmbedding(
+            old.head_dim, old.rope_theta, scaling, max_position_embeddings=training_length,
+            rotate_in_fp32=old.rotate_in_fp32,
+        ).to(old.inv_freq.device)
+    rotary = extended.model.rotary_emb
+    for index, layer in enumerate(extended.model.layers):
+        attention = layer.self_attn
+        attention.logn_seq_length = training_length if logn else None
+        attention.sliding_window = window_sizes[index] if window_sizes is not None else None
+        if dual_chunk is not None:
+            attention.dual_chunk = DualChunk(dual_chunk[0], dual_chunk[1], rotary.inv_freq,
+                                             float(rotary.attention_scaling))
+    return extended
 
 
 @torch.inference_mode()
-def per_position_nll(model: torch.nn.Module, input_ids: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+def per_position_nll(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     """Mean next-token negative log-likelihood at each position, over a batch of sequences.
 
     ``input_ids [N, L]`` -> ``[L - 1]``: entry ``t`` is the loss of predicting token ``t + 1`` from the
-    first ``t + 1`` tokens, averaged over the ``N`` sequences. ``exp`` of a running mean gives
-    perplexity by position, the curve that shows where a model stops using its context.
+    first ``t + 1`` tokens, averaged over the ``N`` sequences. Runs the whole sequence in one pass per
+    batch (no cache), so every method sees exactly the same inputs.
     """
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"input_ids must be [num_sequences, length >= 2], got {tuple(input_ids.shape)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from qwen_edu.long_context import (
     dca_position_tables,
     dual_chunk_attention,
+    extend_context,
     layer_window_sizes,
     logn_scale,
     per_position_nll,
@@ -18,7 +20,6 @@ from qwen_edu.long_context import (
 from qwen_edu.models import Qwen2ForCausalLM, QwenConfig, eager_attention
 from qwen_edu.models.layers import causal_mask
 from qwen_edu.models.rope import apply_rotary_pos_emb, compute_rope_parameters
-
 
 # --- LogN -----------------------------------------------------------------------------------------
 
@@ -168,3 +169,93 @@ def test_per_position_nll_matches_a_direct_computation():
     torch.testing.assert_close(nll, direct.detach(), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="num_sequences, length >= 2"):
         per_position_nll(model, ids[0])
+
+
+# --- switching the methods on for a whole model -------------------------------------------------------
+
+
+def _tiny_model(layers: int = 1, seed: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    config = QwenConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                        num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.3 if p.dim() == 1 else p.shape[-1] ** -0.5) + ("norm" in name))
+    return model
+
+
+def test_nothing_switched_on_changes_nothing():
+    model = _tiny_model(layers=2)
+    ids = torch.randint(0, 97, (2, 40))
+    same = extend_context(model, training_length=16, window_sizes=[64, 64])
+    torch.testing.assert_close(same(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert model.model.layers[0].self_attn.sliding_window is None, "the original model is left alone"
+
+
+def test_window_attention_sees_exactly_the_last_w_tokens():
+    """With one layer, position i under a window w must equal running the model on tokens i-w+1..i alone
+    (RoPE is relative, so shifting the positions does not matter)."""
+    model = _tiny_model(layers=1)
+    ids = torch.randint(0, 97, (1, 30))
+    windowed = extend_context(model, training_length=8, window_sizes=[6])
+    logits = windowed(ids).logits
+    for i in (5, 17, 29):
+        alone = model(ids[:, i - 5 : i + 1]).logits[:, -1]
+        torch.testing.assert_close(logits[:, i], alone, rtol=1e-4, atol=1e-5)
+    sdpa = copy.deepcopy(windowed)
+    sdpa.set_attn_implementation("sdpa")
+    torch.testing.assert_close(sdpa(ids).logits, logits, rtol=1e-4, atol=1e-5)
+
+
+def test_logn_changes_only_positions_beyond_the_training_length():
+    model = _tiny_model(layers=2)
+    ids = torch.randint(0, 97, (2, 24))
+    scaled = extend_context(model, training_length=16, logn=True)
+    torch.testing.assert_close(scaled(ids[:, :16]).logits, model(ids[:, :16]).logits, rtol=0, atol=0)
+    assert not torch.allclose(scaled(ids).logits[:, 16:], model(ids).logits[:, 16:])
+
+
+def test_dual_chunk_attention_in_the_model():
+    model = _tiny_model(layers=2)
+    ids = torch.randint(0, 97, (2, 40))
+    dca = extend_context(model, training_length=16, dual_chunk=(16, 4))  # chunks of 12 tokens
+    torch.testing.assert_close(dca(ids[:, :12]).logits, model(ids[:, :12]).logits, rtol=1e-5, atol=1e-5)
+    long = dca(ids).logits
+    assert torch.isfinite(long).all() and not torch.allclose(long[:, 12:], model(ids).logits[:, 12:])
+    sdpa = copy.deepcopy(dca)
+    sdpa.set_attn_implementation("sdpa")
+    torch.testing.assert_close(sdpa(ids).logits, long, rtol=1e-5, atol=1e-5)
+    with pytest.raises(NotImplementedError, match="no KV cache"):
+        dca(ids, use_cache=True)
+
+
+def test_rope_scaling_is_swapped_in():
+    model = _tiny_model(layers=1)
+    for rope in ("linear", "ntk", "dynamic", "qwen1_ntk", "yarn"):
+        extended = extend_context(model, training_length=16, rope=rope, factor=4.0)
+        assert extended.model.rotary_emb.rope_type == rope
+    yarn = extend_context(model, training_length=16, rope="yarn", factor=4.0)
+    assert yarn.model.rotary_emb.attention_scaling == pytest.approx(0.1 * math.log(4.0) + 1)
+    # Static NTK divides the lowest frequency by exactly the factor and leaves the highest one alone.
+    plain, _ = compute_rope_parameters(64, 10000.0)
+    ntk, _ = compute_rope_parameters(64, 10000.0, {"rope_type": "ntk", "factor": 4.0})
+    assert ntk[0].item() == plain[0].item()
+    assert (plain[-1] / ntk[-1]).item() == pytest.approx(4.0, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"factor": 0.5, "rope": "linear"}, "factor must be >= 1"),
+        ({"rope": "rotary"}, "unknown rope scaling 'rotary'"),
+        ({"window_sizes": [4, 4, 4]}, "window_sizes has 3 entries but the model has 1 layers"),
+        ({"window_sizes": [0]}, "window sizes must be >= 1"),
+        ({"dual_chunk": (32, 4)}, "chunk_size 32 exceeds the training length 16"),
+        ({"dual_chunk": (16, 16)}, "need 0 <= local_size < chunk_size"),
+        ({"dual_chunk": (16, 4), "logn": True}, "combine it with rope scaling only"),
+    ],
+)
+def test_extend_context_rejects_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        extend_context(_tiny_model(), training_length=16, **kwargs)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen_edu.models.config import QwenConfig
+from qwen_edu.models.long_context import DualChunk, dual_chunk_attention, logn_scale, window_mask
 from qwen_edu.models.rope import apply_rotary_pos_emb
 
 __all__ = [
@@ -153,7 +154,10 @@ class Attention(nn.Module):
 
     ``attn_implementation="eager"`` spells attention out (see :func:`eager_attention`);
     ``"sdpa"`` calls ``F.scaled_dot_product_attention``, which is faster and equal up to rounding.
-    ``logn_seq_length`` switches on Qwen-1's logN query scaling (reference §5.5).
+    ``logn_seq_length`` switches on Qwen-1's logN query scaling (reference §5.5). Two more
+    context-extension switches are plain attributes, set per layer by
+    :func:`qwen_edu.long_context.extend_context`: ``sliding_window`` (attend to the last N keys only)
+    and ``dual_chunk`` (Dual Chunk Attention, for whole-sequence evaluation without a cache).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None,
@@ -168,6 +172,8 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.attn_implementation = attn_implementation
         self.logn_seq_length = logn_seq_length
+        self.sliding_window: int | None = None
+        self.dual_chunk: DualChunk | None = None
         self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
@@ -184,6 +190,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, length, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, length, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, length, -1, self.head_dim).transpose(1, 2)
+        if self.dual_chunk is not None:
+            return self._dual_chunk_forward(q, k, v, attention_mask, cache)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)  # before caching: the cache holds rotated keys
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
@@ -193,6 +201,9 @@ class Attention(nn.Module):
 
         if attention_mask is None and length > 1 and (self.attn_implementation == "eager" or kv_len != length):
             attention_mask = causal_mask(length, kv_len, q.dtype, q.device)
+        if self.sliding_window is not None and kv_len > self.sliding_window:
+            window = window_mask(length, kv_len, self.sliding_window, q.dtype, q.device)
+            attention_mask = window if attention_mask is None else torch.minimum(attention_mask, window)
         if self.attn_implementation == "eager":
             out = eager_attention(q, k, v, attention_mask, self.scale)
         else:
@@ -203,11 +214,27 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
 
     def _logn(self, position_ids: torch.Tensor) -> torch.Tensor:
-        """Qwen-1 logN factor per query: ``log(p+1) / log(seq_length)`` beyond the training length, else 1."""
+        """Qwen-1 logN factor per query, ``[B, 1, L, 1]`` (see :func:`logn_scale`)."""
         assert self.logn_seq_length is not None
-        p1 = (position_ids + 1).to(torch.float32)
-        factor = torch.where(p1 > self.logn_seq_length, torch.log(p1) / math.log(self.logn_seq_length), 1.0)
-        return factor[:, None, :, None]  # [B, 1, L, 1]
+        return logn_scale(position_ids, self.logn_seq_length)[:, None, :, None]
+
+    def _dual_chunk_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            attention_mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        if cache is not None:
+            raise NotImplementedError(
+                "Dual Chunk Attention is implemented for whole-sequence evaluation (no KV cache); "
+                "generate with plain attention, or evaluate with use_cache=False"
+            )
+        if attention_mask is not None:  # the plain causal mask of the eager path is fine; padding is not
+            causal = causal_mask(q.shape[2], k.shape[2], attention_mask.dtype, attention_mask.device)
+            if not torch.equal(attention_mask, causal.expand_as(attention_mask)):
+                raise NotImplementedError("Dual Chunk Attention here does not support padding masks")
+        assert self.dual_chunk is not None
+        settings = self.dual_chunk
+        out = dual_chunk_attention(q, k, v, settings.inv_freq, settings.chunk_size, settings.local_size,
+                                   scale=self.scale, attention_scaling=settings.attention_scaling)
+        b, _, length, _ = q.shape
+        return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
 
 
 class DecoderLayer(nn.Module):

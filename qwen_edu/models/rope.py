@@ -51,6 +51,17 @@ def _linear(head_dim: int, rope_theta: float, scaling: dict[str, Any], max_posit
     return inv_freq / scaling["factor"], 1.0
 
 
+def _ntk(head_dim: int, rope_theta: float, scaling: dict[str, Any], max_position_embeddings: int,
+         seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    """Static NTK-aware scaling: raise the base to ``theta * factor ** (d / (d - 2))``.
+
+    The lowest frequency is then divided by exactly ``factor`` (like position interpolation), while
+    the highest barely moves: high frequencies keep resolving neighbouring tokens.
+    """
+    base = rope_theta * scaling["factor"] ** (head_dim / (head_dim - 2))
+    return 1.0 / (base ** _exponents(head_dim)), 1.0
+
+
 def _dynamic(head_dim: int, rope_theta: float, scaling: dict[str, Any], max_position_embeddings: int,
              seq_len: int | None = None) -> tuple[torch.Tensor, float]:
     """HF dynamic NTK: grow the base once the sequence outgrows ``max_position_embeddings``.
@@ -124,6 +135,7 @@ def _qwen1_ntk(head_dim: int, rope_theta: float, scaling: dict[str, Any], max_po
 ROPE_INIT_FUNCTIONS: dict[str, RopeInitFn] = {
     "default": _default,
     "linear": _linear,
+    "ntk": _ntk,
     "dynamic": _dynamic,
     "yarn": _yarn,
     "qwen1_ntk": _qwen1_ntk,

@@ -1,0 +1,190 @@
+"""Training-free context extension: the pieces Qwen used to read past its training length.
+
+Qwen-1 trained at 2,048 tokens and read 8,192 at inference by combining NTK-aware RoPE (and its
+dynamic variant, see :mod:`qwen_edu.models.rope`), LogN attention scaling and layer-wise window
+attention; Qwen2 added YaRN and Dual Chunk Attention (DCA). This module holds what is not a RoPE
+frequency rule:
+
+- :func:`logn_scale`: the query multiplier ``log(p + 1) / log(T)`` beyond the training length ``T``.
+- :func:`layer_window_sizes` and :func:`window_mask`: shorter attention windows in lower layers.
+- :func:`dca_position_tables` and :func:`dual_chunk_attention`: DCA's remapped positions, so that no
+  query-key distance ever exceeds the chunk size the model was trained on.
+
+They live under ``qwen_edu.models`` because the attention layer uses them;
+:mod:`qwen_edu.long_context` switches them on for a whole model and measures the result.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from qwen_edu.models.rope import rotate_half
+
+__all__ = [
+    "logn_scale",
+    "layer_window_sizes",
+    "window_mask",
+    "DualChunk",
+    "DualChunkTables",
+    "dca_position_tables",
+    "dual_chunk_attention",
+]
+
+
+def logn_scale(positions: torch.Tensor, training_length: int) -> torch.Tensor:
+    """Qwen-1's LogN factor per query position: ``log(p + 1) / log(T)`` once ``p + 1 > T``, else 1.
+
+    Multiplying the query by it keeps the attention entropy from growing as more keys compete for
+    the softmax. The result is float32 with the shape of ``positions``.
+    """
+    if training_length < 2:
+        raise ValueError(f"training_length must be >= 2, got {training_length}")
+    p1 = (positions + 1).to(torch.float32)
+    return torch.where(p1 > training_length, torch.log(p1) / math.log(training_length), torch.ones_like(p1))
+
+
+def layer_window_sizes(num_layers: int, smallest: int, largest: int, schedule: str = "linear") -> list[int]:
+    """Per-layer attention windows, short in the lower layers and long in the upper ones.
+
+    The Qwen report observed that lower layers are more sensitive to context extension than higher
+    ones, and gave them shorter windows. ``schedule="linear"`` interpolates from ``smallest`` (layer 0)
+    to ``largest`` (last layer); ``"step"`` gives the lower half ``smallest`` and the upper half
+    ``largest``. A window at least as long as the sequence is full causal attention.
+    """
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    if smallest < 1:
+        raise ValueError(f"window sizes must be >= 1 token, got smallest={smallest}")
+    if largest < smallest:
+        raise ValueError(f"largest window {largest} is smaller than the smallest {smallest}")
+    if schedule == "step":
+        return [smallest if i < num_layers // 2 else largest for i in range(num_layers)]
+    if schedule != "linear":
+        raise ValueError(f"unknown window schedule {schedule!r}; use 'linear' or 'step'")
+    if num_layers == 1:
+        return [largest]
+    return [round(smallest + (largest - smallest) * i / (num_layers - 1)) for i in range(num_layers)]
+
+
+def window_mask(q_len: int, kv_len: int, window: int | None, dtype: torch.dtype = torch.float32,
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """Additive causal mask ``[1, 1, q_len, kv_len]`` that also hides keys more than ``window - 1`` back.
+
+    Key ``j`` is visible to the query at (bottom-right aligned) position ``i`` when
+    ``i - window < j <= i``: the last ``window`` tokens including the query's own, as in the
+    reference's sliding-window attention. ``window=None`` is plain causal attention.
+    """
+    if q_len > kv_len:
+        raise ValueError(f"q_len={q_len} exceeds kv_len={kv_len}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1 token (or None for full attention), got {window}")
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed &= k_pos > q_pos - window
+    zero = torch.zeros((), dtype=dtype, device=device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)[None, None]
+
+
+@dataclass(frozen=True)
+class DualChunk:
+    """DCA switched on for one attention layer: chunk sizes plus the RoPE frequencies to rotate with."""
+
+    chunk_size: int
+    local_size: int
+    inv_freq: torch.Tensor
+    attention_scaling: float = 1.0
+
+
+@dataclass(frozen=True)
+class DualChunkTables:
+    """DCA's position tables for a sequence (all ``[seq_len]`` long integer tensors).
+
+    ``key``: every key sits at ``p mod chunk_len``. ``intra``: queries attending inside their own chunk
+    use the same numbering. ``successive``: queries attending to the previous chunk are shifted up by
+    ``chunk_len`` (clamped at ``chunk_size``), which keeps the first ``local_size`` distances exact.
+    ``inter``: queries attending to any earlier chunk sit at one fixed position, the largest the model
+    saw in training, so every such distance stays inside the trained range.
+    """
+
+    chunk_size: int
+    local_size: int
+    key: torch.Tensor
+    intra: torch.Tensor
+    successive: torch.Tensor
+    inter: torch.Tensor
+
+    @property
+    def chunk_len(self) -> int:
+        return self.chunk_size - self.local_size
+
+
+def dca_position_tables(seq_len: int, chunk_size: int, local_size: int,
+                        device: torch.device | str | None = None) -> DualChunkTables:
+    """Position ids for Dual Chunk Attention (An et al., 2024), laid out as vLLM's Qwen2 backend does.
+
+    ``chunk_size`` is at most the training length; ``local_size`` (< ``chunk_size``) is the window over
+    which successive-chunk distances stay exact. Chunks are ``chunk_len = chunk_size - local_size`` long.
+    """
+    if not 0 <= local_size < chunk_size:
+        raise ValueError(f"need 0 <= local_size < chunk_size, got local_size={local_size}, chunk_size={chunk_size}")
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    chunk_len = chunk_size - local_size
+    positions = torch.arange(seq_len, device=device)
+    within = positions % chunk_len
+    return DualChunkTables(
+        chunk_size=chunk_size,
+        local_size=local_size,
+        key=within,
+        intra=within,
+        successive=(within + chunk_len).clamp(max=chunk_size),
+        inter=torch.full_like(within, min(2 * chunk_len - 1, chunk_size)),
+    )
+
+
+def _rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float) -> torch.Tensor:
+    """RoPE (half-split) of ``x [B, H, L, d]`` at integer ``positions [L]``, computed in fp32."""
+    angles = positions.to(torch.float32)[:, None] * inv_freq.to(x.device)[None, :]
+    emb = torch.cat((angles, angles), dim=-1)
+    cos, sin = emb.cos() * scaling, emb.sin() * scaling
+    x32 = x.to(torch.float32)
+    return (x32 * cos + rotate_half(x32) * sin).to(x.dtype)
+
+
+def dual_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_freq: torch.Tensor,
+                         chunk_size: int, local_size: int, scale: float | None = None,
+                         attention_scaling: float = 1.0) -> torch.Tensor:
+    """Causal attention over a whole sequence with DCA's positions; ``q, k, v`` are *not* yet rotated.
+
+    ``q [B, H, L, d]``, ``k, v [B, H_kv, L, d]``. Each query gets three rotated copies (intra,
+    successive, inter) and each key one; every (query, key) pair takes its score from the copy that
+    matches the pair's chunk relation, and a single softmax runs over all keys. This is the exact
+    (quadratic-memory) reference form, meant for evaluation; the fused kernels in inference engines
+    compute the same thing block by block.
+    """
+    batch, heads, length, dim = q.shape
+    if k.shape[-2] != length:
+        raise ValueError("dual_chunk_attention evaluates a whole sequence: q and k must have the same length")
+    tables = dca_position_tables(length, chunk_size, local_size, device=q.device)
+    scale = dim**-0.5 if scale is None else scale
+    n_rep = heads // k.shape[1]
+    k_rot = _rotate(k, tables.key, inv_freq, attention_scaling).repeat_interleave(n_rep, dim=1)
+    v = v.repeat_interleave(n_rep, dim=1)
+
+    chunk_of = torch.arange(length, device=q.device) // tables.chunk_len
+    gap = chunk_of[:, None] - chunk_of[None, :]  # [L, L]: 0 same chunk, 1 previous, >1 earlier
+    scores = torch.empty(batch, heads, length, length, dtype=torch.float32, device=q.device)
+    for positions, region in ((tables.intra, gap == 0), (tables.successive, gap == 1), (tables.inter, gap > 1)):
+        if bool(region.any()):
+            q_rot = _rotate(q, positions, inv_freq, attention_scaling)
+            part = torch.matmul(q_rot.float(), k_rot.float().transpose(-1, -2)) * scale
+            scores = torch.where(region, part, scores)
+    causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    probs = scores.softmax(dim=-1).to(v.dtype)
+    return torch.matmul(probs, v)
