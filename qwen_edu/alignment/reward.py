@@ -1,0 +1,184 @@
+"""Reward models: the Qwen backbone with a scalar head, trained on preference pairs.
+
+A reward model reads ``prompt + reply`` and outputs one number. It is the base (or SFT) model with
+the LM head replaced by ``score = Linear(hidden, 1)``; the number is read at the **last real
+token** of each row (:func:`last_token_index`), the only position that has seen the whole reply.
+
+Training uses the Bradley-Terry model of pairwise preferences (Bradley and Terry, 1952; Ouyang et al.,
+2022): ``P(chosen > rejected) = sigmoid(r_chosen - r_rejected)``, so the loss is
+``-log sigmoid(r_chosen - r_rejected)`` (:func:`bradley_terry_loss`). Only differences of rewards
+matter; the scale is anchored by the data.
+
+:class:`ValueModel` is the same construction read at *every* position (PPO's critic).
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen_edu.alignment.core import pad_id_of
+from qwen_edu.alignment.data import SYSTEM_PROMPT, collate_pairs, encode_pair
+from qwen_edu.alignment.sft import progress_bar
+from qwen_edu.generation import left_padded_positions
+from qwen_edu.models import Qwen2ForCausalLM, Qwen2Model
+
+__all__ = [
+    "last_token_index",
+    "ScalarHeadModel",
+    "RewardModel",
+    "ValueModel",
+    "bradley_terry_loss",
+    "RewardConfig",
+    "train_reward_model",
+    "evaluate_reward_model",
+]
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last 1 in each row of ``attention_mask [B, L]`` (right or left padding)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * (positions + 1)).argmax(-1)
+
+
+class ScalarHeadModel(nn.Module):
+    """``Qwen2Model`` backbone + ``score = Linear(hidden, 1)``; ``hidden_states -> [B, L]`` scores."""
+
+    def __init__(self, backbone: Qwen2Model) -> None:
+        super().__init__()
+        self.config = backbone.config
+        self.model = backbone
+        self.score = nn.Linear(backbone.config.hidden_size, 1, bias=True)
+        nn.init.normal_(self.score.weight, std=1.0 / (backbone.config.hidden_size + 1) ** 0.5)
+        nn.init.zeros_(self.score.bias)
+
+    @classmethod
+    def from_causal_lm(cls, lm: Qwen2ForCausalLM) -> ScalarHeadModel:
+        """A new model whose backbone is a *copy* of ``lm.model`` (the LM itself is untouched)."""
+        return cls(copy.deepcopy(lm.model))
+
+    def token_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One score per position ``[B, L]`` (fp32); padded batches get positions counting real tokens."""
+        positions = left_padded_positions(attention_mask) if attention_mask is not None else None
+        hidden, _ = self.model(input_ids, attention_mask, positions)
+        return self.score(hidden).squeeze(-1).float()
+
+
+class RewardModel(ScalarHeadModel):
+    """Reward ``[B]`` = score at the last non-padding token of each row."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        scores = self.token_scores(input_ids, attention_mask)
+        if attention_mask is None:
+            return scores[:, -1]
+        index = last_token_index(attention_mask)
+        return scores.gather(1, index[:, None]).squeeze(1)
+
+
+class ValueModel(ScalarHeadModel):
+    """Value estimates ``[B, L]``: the score at every position (PPO's critic)."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.token_scores(input_ids, attention_mask)
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | float = 0.0
+                       ) -> tuple[torch.Tensor, dict[str, float]]:
+    """``mean(-log sigmoid(r_chosen - r_rejected - margin))`` and stats (accuracy, mean margin)."""
+    diff = r_chosen.float() - r_rejected.float()
+    loss = -F.logsigmoid(diff - margin).mean()
+    stats = {"accuracy": float((diff > 0).float().mean()), "margin": float(diff.mean().detach())}
+    return loss, stats
+
+
+@dataclass
+class RewardConfig:
+    steps: int = 100
+    batch_size: int = 16
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+
+def _pair_batches(encoded: Sequence[Mapping[str, list[int]]], batch_size: int, pad_id: int, seed: int):
+    rng = random.Random(seed)
+    order: list[int] = []
+    while True:
+        if len(order) < batch_size:
+            more = list(range(len(encoded)))
+            rng.shuffle(more)
+            order += more
+        rows, order = order[:batch_size], order[batch_size:]
+        yield collate_pairs([encoded[i] for i in rows], pad_id)
+
+
+def train_reward_model(model: RewardModel, tokenizer: Any, pairs: Sequence[Mapping[str, Any]],
+                       config: RewardConfig | None = None, *,
+                       on_step: Callable[[dict[str, float]], None] | None = None, progress: bool = True,
+                       system_prompt: str | None = SYSTEM_PROMPT) -> list[dict[str, float]]:
+    """Train ``model`` in place with the Bradley-Terry loss; returns per-step ``loss/accuracy/margin``."""
+    from qwen_edu.training.optim import make_optimizer, make_scheduler
+
+    config = config or RewardConfig()
+    encoded = [encode_pair(tokenizer, p, system_prompt=system_prompt) for p in pairs]
+    if not encoded:
+        raise ValueError("no comparison pairs to train on")
+    device = next(model.parameters()).device
+    optimizer = make_optimizer(model, config.lr, config.weight_decay)
+    scheduler = make_scheduler(optimizer, warmup_steps=min(10, config.steps // 10), total_steps=config.steps)
+    batches = _pair_batches(encoded, config.batch_size, pad_id_of(tokenizer), config.seed)
+    history = []
+    bar = progress_bar(config.steps, "reward model", progress)
+    model.train()
+    for step in range(config.steps):
+        batch = next(batches)
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        rewards = model(ids, mask)
+        r_chosen, r_rejected = rewards.chunk(2)
+        loss, stats = bradley_terry_loss(r_chosen, r_rejected)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        record = {"step": step, "loss": float(loss.detach()), **stats}
+        history.append(record)
+        if on_step is not None:
+            on_step(record)
+        bar.update()
+        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{stats['accuracy']:.2f}")
+    bar.close()
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def evaluate_reward_model(model: RewardModel, tokenizer: Any, pairs: Sequence[Mapping[str, Any]], *,
+                          batch_size: int = 64, system_prompt: str | None = SYSTEM_PROMPT) -> dict[str, Any]:
+    """Held-out pairwise accuracy (``r_chosen > r_rejected``), mean loss and margin, per kind too."""
+    model.eval()
+    device = next(model.parameters()).device
+    pad = pad_id_of(tokenizer)
+    diffs = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = [encode_pair(tokenizer, p, system_prompt=system_prompt) for p in pairs[start:start + batch_size]]
+        batch = collate_pairs(chunk, pad)
+        rewards = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        r_c, r_r = rewards.chunk(2)
+        diffs.append((r_c - r_r).cpu())
+    diff = torch.cat(diffs)
+    out: dict[str, Any] = {"accuracy": float((diff > 0).float().mean()), "loss": float(-F.logsigmoid(diff).mean()),
+                           "margin": float(diff.mean())}
+    kinds = [p.get("kind", "all") for p in pairs]
+    for kind in sorted(set(kinds)):
+        sel = torch.tensor([k == kind for k in kinds])
+        out[f"accuracy_{kind}"] = float((diff[sel] > 0).float().mean())
+    return out
