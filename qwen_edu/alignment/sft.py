@@ -13,8 +13,7 @@ expected format and stop with ``<|im_end|>`` (format-following rate), and is the
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -23,6 +22,7 @@ from torch import nn
 
 from qwen_edu.alignment.core import generate_responses, pad_id_of
 from qwen_edu.alignment.data import (
+    IGNORE_INDEX,
     SYSTEM_PROMPT,
     check_answer,
     encode_prompt,
@@ -30,21 +30,24 @@ from qwen_edu.alignment.data import (
     im_end_id,
     pad_batch,
 )
-from qwen_edu.training.loss import causal_lm_loss
-from qwen_edu.training.optim import make_optimizer, make_scheduler
+from qwen_edu.training.data import PackedDataset, PackedSequences
 
-__all__ = ["SFTConfig", "sft_batches", "train_sft", "evaluate_chat", "progress_bar"]
+__all__ = ["SFTConfig", "sft_dataset", "train_sft", "evaluate_chat", "progress_bar"]
 
 
 @dataclass
 class SFTConfig:
     steps: int = 150
     batch_size: int = 16
+    micro_batch_size: int | None = None  # None: no gradient accumulation
     lr: float = 1e-3
+    min_lr_ratio: float = 0.1
     warmup_steps: int = 10
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     max_length: int = 128
+    packing: bool = False
+    precision: str = "auto"  # the chapter-3 trainer's: fp32 on a CPU, bf16/fp16 autocast on a GPU
     seed: int = 0
 
 
@@ -65,59 +68,72 @@ class _NoBar:
     def close(self) -> None: ...
 
 
-def sft_batches(encoded: Sequence[Mapping[str, list[int]]], batch_size: int, pad_id: int, *, seed: int = 0
-                ) -> Iterable[dict[str, torch.Tensor]]:
-    """Endless right-padded batches ``{"input_ids", "attention_mask", "labels"}``, reshuffled each epoch."""
-    rng = random.Random(seed)
-    order: list[int] = []
-    while True:
-        if len(order) < batch_size:
-            more = list(range(len(encoded)))
-            rng.shuffle(more)
-            order += more
-        rows, order = order[:batch_size], order[batch_size:]
-        yield pad_batch([encoded[i]["input_ids"] for i in rows], pad_id, side="right",
-                        labels=[encoded[i]["labels"] for i in rows])
+def sft_dataset(tokenizer: Any, conversations: Sequence[Mapping[str, Any]], *, max_length: int = 128,
+                packing: bool = False, system_prompt: str | None = SYSTEM_PROMPT) -> PackedDataset:
+    """Conversations as fixed-length training rows ``{"input_ids", "labels"}`` for the chapter-3 trainer.
+
+    * ``packing=False``: one conversation per row, right-padded to the longest one (at most
+      ``max_length``; longer ones are truncated). Padding has label ``-100``; because attention is
+      causal, no real token ever attends to the padding on its right, so no attention mask is needed.
+    * ``packing=True``: conversations are concatenated into one stream cut into rows of exactly
+      ``max_length`` tokens (no padding is wasted). A conversation then also *sees* the end of the
+      previous one in its row -- the usual price of packing -- but every label outside an assistant
+      reply is still ``-100``, so nothing but assistant tokens is learnt.
+    """
+    encoded = [encode_sft(tokenizer, c, max_length=max_length, system_prompt=system_prompt) for c in conversations]
+    if not encoded:
+        raise ValueError("no conversations to train on")
+    pad = pad_id_of(tokenizer)
+    if packing:
+        ids = [t for e in encoded for t in e["input_ids"]]
+        labels = [t for e in encoded for t in e["labels"]]
+        rows = max(1, -(-len(ids) // max_length))
+        width = max_length
+        ids += [pad] * (rows * width - len(ids))
+        labels += [IGNORE_INDEX] * (rows * width - len(labels))
+        input_ids = torch.tensor(ids).view(rows, width)
+        label_rows = torch.tensor(labels).view(rows, width)
+    else:
+        width = max(len(e["input_ids"]) for e in encoded)
+        batch = pad_batch([e["input_ids"] for e in encoded], pad, side="right",
+                          labels=[e["labels"] for e in encoded])
+        input_ids, label_rows = batch["input_ids"], batch["labels"]
+    return PackedDataset(PackedSequences(input_ids, label_rows))
 
 
 def train_sft(model: nn.Module, tokenizer: Any, conversations: Sequence[Mapping[str, Any]],
               config: SFTConfig | None = None, *, on_step: Callable[[dict[str, float]], None] | None = None,
               progress: bool = True, system_prompt: str | None = SYSTEM_PROMPT) -> list[dict[str, float]]:
-    """Fine-tune ``model`` in place on ``conversations`` (``messages`` lists or ``{"messages": ...}``).
+    """Fine-tune ``model`` in place on ``conversations`` with the chapter-3 :class:`~qwen_edu.training.Trainer`.
 
-    Returns the history: one ``{"step", "loss", "lr", "tokens"}`` dict per optimizer step, also
-    passed to ``on_step`` as it happens (for live plots).
+    The loss is :func:`~qwen_edu.training.causal_lm_loss` on :func:`sft_dataset` rows (assistant
+    tokens only), summed over the targets of a whole optimizer step and divided by their number;
+    AdamW with warm-up + cosine decay, gradient clipping, mixed precision on GPUs.
+    Returns the history: one ``{"step", "loss", "lr", "grad_norm", "tokens"}`` dict per optimizer step
+    (``step`` counts from 1); ``on_step`` receives each record as it happens (for live plots).
     """
+    from qwen_edu.training import TrainConfig, Trainer
+
     config = config or SFTConfig()
-    encoded = [encode_sft(tokenizer, c, max_length=config.max_length, system_prompt=system_prompt)
-               for c in conversations]
-    if not encoded:
-        raise ValueError("no conversations to train on")
-    device = next(model.parameters()).device
-    optimizer = make_optimizer(model, config.lr, config.weight_decay)
-    scheduler = make_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=config.steps)
-    batches = sft_batches(encoded, config.batch_size, pad_id_of(tokenizer), seed=config.seed)
-    history = []
-    bar = progress_bar(config.steps, "SFT", progress)
-    model.train()
-    for step in range(config.steps):
-        batch = next(batches)
-        ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-        logits = model(ids, attention_mask=mask).logits
-        loss = causal_lm_loss(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        record = {"step": step, "loss": float(loss.detach()), "lr": optimizer.param_groups[0]["lr"],
-                  "grad_norm": float(grad_norm), "tokens": int((labels[:, 1:] != -100).sum())}
-        history.append(record)
-        if on_step is not None:
-            on_step(record)
-        bar.update()
-        bar.set_postfix(loss=f"{record['loss']:.3f}")
-    bar.close()
+    data = sft_dataset(tokenizer, conversations, max_length=config.max_length, packing=config.packing,
+                       system_prompt=system_prompt)
+    train_config = TrainConfig(
+        max_steps=config.steps, batch_size=config.batch_size,
+        micro_batch_size=config.micro_batch_size or config.batch_size, seq_len=data.seq_len, lr=config.lr,
+        min_lr=config.lr * config.min_lr_ratio, warmup_steps=min(config.warmup_steps, config.steps),
+        weight_decay=config.weight_decay, grad_clip=config.max_grad_norm, precision=config.precision,
+        eval_every=0, seed=config.seed, progress=progress)
+    trainer = Trainer(model, train_config, data, device=next(model.parameters()).device)
+    history: list[dict[str, float]] = []
+    if on_step is not None:
+        def report(step: int, loss: float, lr: float) -> None:
+            record = trainer.result.history[-1]
+            on_step({"step": step, "loss": loss, "lr": lr, "grad_norm": record.grad_norm,
+                     "tokens": record.tokens})
+        trainer.on_step = report
+    result = trainer.train()
+    history = [{"step": r.step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm, "tokens": r.tokens}
+               for r in result.history]
     model.eval()
     return history
 

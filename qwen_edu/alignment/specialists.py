@@ -26,7 +26,6 @@ from torch import nn
 
 from qwen_edu.alignment.core import pad_id_of
 from qwen_edu.alignment.data import IGNORE_INDEX, pad_batch
-from qwen_edu.alignment.sft import progress_bar
 
 __all__ = [
     "SpecialistConfig",
@@ -50,6 +49,7 @@ class SpecialistConfig:
     max_grad_norm: float = 1.0
     replay_fraction: float = 0.1
     num_documents: int = 1500
+    precision: str = "auto"
     seed: int = 0
 
 
@@ -123,48 +123,33 @@ def text_loss(model: nn.Module, tokenizer: Any, texts: Sequence[str], *, max_len
 
 def continue_pretraining(model: nn.Module, tokenizer: Any, documents: Sequence[str],
                          config: SpecialistConfig | None = None, *,
-                         on_step: Callable[[dict[str, float]], None] | None = None, progress: bool = True,
-                         desc: str = "continued pre-training") -> list[dict[str, float]]:
-    """Next-token training on packed ``documents`` (each followed by the end-of-text token)."""
-    from qwen_edu.training.data import pack_sequences, tokenize_documents
-    from qwen_edu.training.loss import causal_lm_loss
-    from qwen_edu.training.optim import make_optimizer, make_scheduler
+                         on_step: Callable[[dict[str, float]], None] | None = None, progress: bool = True
+                         ) -> list[dict[str, float]]:
+    """Next-token training on packed ``documents`` with the chapter-3 trainer (pre-training, continued).
+
+    Documents are packed into rows of ``seq_len`` tokens with the end-of-text token after each one
+    (:func:`qwen_edu.training.pack_sequences`). Returns one ``{"step", "loss", "lr"}`` per step.
+    """
+    from qwen_edu.training import PackedDataset, TrainConfig, Trainer, pack_sequences, tokenize_documents
 
     config = config or SpecialistConfig()
     packed = pack_sequences(tokenize_documents(tokenizer, documents), config.seq_len, _eos_id(tokenizer),
                             pad_id=pad_id_of(tokenizer))
-    if len(packed) == 0:
-        raise ValueError("no documents to train on")
-    device = next(model.parameters()).device
-    optimizer = make_optimizer(model, config.lr, config.weight_decay)
-    scheduler = make_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=config.steps)
-    generator = torch.Generator().manual_seed(config.seed)
-    history = []
-    bar = progress_bar(config.steps, desc, progress)
-    model.train()
-    order = torch.randperm(len(packed), generator=generator)
-    cursor = 0
-    for step in range(config.steps):
-        if cursor + config.batch_size > len(order):
-            order, cursor = torch.randperm(len(packed), generator=generator), 0
-        rows = order[cursor:cursor + config.batch_size]
-        cursor += config.batch_size
-        ids, labels = packed.input_ids[rows].to(device), packed.labels[rows].to(device)
-        loss = causal_lm_loss(model(ids).logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        record = {"step": step, "loss": float(loss.detach()), "lr": optimizer.param_groups[0]["lr"]}
-        history.append(record)
-        if on_step is not None:
-            on_step(record)
-        bar.update()
-        bar.set_postfix(loss=f"{record['loss']:.3f}")
-    bar.close()
+    train_config = TrainConfig(
+        max_steps=config.steps, batch_size=config.batch_size, micro_batch_size=config.batch_size,
+        seq_len=config.seq_len, lr=config.lr, min_lr=config.lr * 0.1,
+        warmup_steps=min(config.warmup_steps, config.steps), weight_decay=config.weight_decay,
+        grad_clip=config.max_grad_norm, precision=config.precision, eval_every=0, seed=config.seed,
+        progress=progress)
+    callback = None
+    if on_step is not None:
+        def callback(step: int, loss: float, lr: float) -> None:
+            on_step({"step": step, "loss": loss, "lr": lr})
+    trainer = Trainer(model, train_config, PackedDataset(packed), on_step=callback,
+                      device=next(model.parameters()).device)
+    result = trainer.train()
     model.eval()
-    return history
+    return [{"step": r.step, "loss": r.loss, "lr": r.lr} for r in result.history]
 
 
 def domain_corpus(domain: str, n: int, seed: int = 0, *, replay_fraction: float = 0.0) -> list[str]:
@@ -211,8 +196,7 @@ def train_specialist(base: nn.Module, tokenizer: Any, domain: str, config: Speci
         raise ValueError(f"unknown specialist domain {domain!r}; expected 'code' or 'math'")
     before = measure()
     docs = domain_corpus(domain, config.num_documents, config.seed, replay_fraction=config.replay_fraction)
-    history = continue_pretraining(model, tokenizer, docs, config, on_step=on_step, progress=progress,
-                                   desc=f"{domain} specialist")
+    history = continue_pretraining(model, tokenizer, docs, config, on_step=on_step, progress=progress)
     after = measure()
     metrics: dict[str, Any] = {f"{k}_before": v for k, v in before.items()}
     metrics.update({f"{k}_after": v for k, v in after.items()})
