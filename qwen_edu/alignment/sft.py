@@ -76,11 +76,13 @@ def sft_dataset(tokenizer: Any, conversations: Sequence[Mapping[str, Any]], *, m
       ``max_length``; longer ones are truncated). Padding has label ``-100``; because attention is
       causal, no real token ever attends to the padding on its right, so no attention mask is needed.
     * ``packing=True``: conversations are concatenated into one stream cut into rows of exactly
-      ``max_length`` tokens (no padding is wasted). A conversation then also *sees* the end of the
+      ``max_length`` tokens (no padding is wasted; a conversation may continue in the next row).
+      A conversation then also *sees* the end of the
       previous one in its row -- the usual price of packing -- but every label outside an assistant
       reply is still ``-100``, so nothing but assistant tokens is learnt.
     """
-    encoded = [encode_sft(tokenizer, c, max_length=max_length, system_prompt=system_prompt) for c in conversations]
+    limit = None if packing else max_length
+    encoded = [encode_sft(tokenizer, c, max_length=limit, system_prompt=system_prompt) for c in conversations]
     if not encoded:
         raise ValueError("no conversations to train on")
     pad = pad_id_of(tokenizer)
