@@ -46,7 +46,6 @@ def main() -> None:
                           "total_s": time.perf_counter() - started}
     for name, seconds in result["timings"].items():
         print(f"  {name:>7}: {seconds:6.1f} s")
-    print("PPO samples:", result["models"] and [t for t in result["histories"]["ppo"][-1:]])
 
     if not args.skip_specialists:
         for domain in ("math", "code"):

@@ -48,7 +48,7 @@ PIPELINE_PRESETS: dict[str, PipelineConfig] = {
                             RewardConfig(steps=150, batch_size=16, lr=3e-4),
                             PPOConfig(batch_size=32, mini_batch_size=16, ppo_epochs=2, lr=3e-5, kl_coef=0.05,
                                       max_new_tokens=24),
-                            25, DPOConfig(steps=120, batch_size=16, lr=1e-4, beta=0.1)),
+                            25, DPOConfig(steps=120, batch_size=16, lr=3e-5, beta=0.2)),
 }
 
 
@@ -133,7 +133,7 @@ def run_alignment_pipeline(base: nn.Module, tokenizer: Any, config: PipelineConf
         stage("ppo", {"reward_before": sft_score["reward"], "reward_after": after["reward"], "kl": after["kl"],
                       "train_reward_first": histories["ppo"][0]["reward"],
                       "train_reward_last": histories["ppo"][-1]["reward"],
-                      "format_rate": chat["format_rate"], "accuracy": chat["accuracy"],
+                      "format_rate": chat["format_rate"], "answer_accuracy": chat["accuracy"],
                       **{k: v for k, v in chat.items() if k.startswith("accuracy_")}}, t)
 
     if run_dpo:
@@ -148,6 +148,6 @@ def run_alignment_pipeline(base: nn.Module, tokenizer: Any, config: PipelineConf
         models["dpo"] = dpo_policy
         stage("dpo", {**after, "logprob_accuracy_before": before["logprob_accuracy"],
                       "rm_reward_before": sft_score["reward"], "rm_reward_after": scored["reward"],
-                      "kl": scored["kl"], "format_rate": chat["format_rate"], "accuracy_chat_eval": chat["accuracy"]},
+                      "kl": scored["kl"], "format_rate": chat["format_rate"], "answer_accuracy": chat["accuracy"]},
               t)
     return {"metrics": metrics, "models": models, "histories": histories, "timings": timings}
