@@ -7,7 +7,8 @@ Building blocks, in the order the book shows them:
 - :func:`param_groups`, :func:`lr_at_step`, :func:`make_optimizer`, :func:`make_scheduler`;
 - :class:`TrainConfig`, :class:`Trainer` (``on_step(step, loss, lr)`` callback), :func:`init_weights`;
 - :func:`init_distributed`, :func:`wrap_model` -- the same loop under ``torchrun`` with DDP or FSDP2;
-- :data:`RECIPES`, :func:`prepare_data`, :func:`model_config` -- the ``tiny`` and ``base`` runs.
+- :data:`RECIPES`, :func:`prepare_data`, :func:`model_config` -- the ``tiny`` and ``base`` runs;
+  :func:`base_model_path` -- the shipped base model's folder.
 
 ``python -m qwen_edu.training.train_base --out DIR`` trains the book's base model.
 """
@@ -26,7 +27,15 @@ from qwen_edu.training.data import (
 from qwen_edu.training.distributed import DistInfo, init_distributed, wrap_model
 from qwen_edu.training.loss import causal_lm_loss, count_targets, shift_labels
 from qwen_edu.training.optim import lr_at_step, make_optimizer, make_scheduler, param_groups
-from qwen_edu.training.presets import RECIPES, PreparedData, Recipe, model_config, prepare_data, recipe
+from qwen_edu.training.presets import (
+    RECIPES,
+    PreparedData,
+    Recipe,
+    base_model_path,
+    model_config,
+    prepare_data,
+    recipe,
+)
 from qwen_edu.training.trainer import (
     ResumeError,
     TrainConfig,
@@ -68,4 +77,5 @@ __all__ = [
     "model_config",
     "prepare_data",
     "PreparedData",
+    "base_model_path",
 ]

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 from qwen_edu.corpus import build_corpus
@@ -20,7 +22,16 @@ from qwen_edu.models.config import QwenConfig
 from qwen_edu.training.data import PackedDataset, pack_sequences, split_documents, tokenize_documents
 from qwen_edu.training.trainer import TrainConfig
 
-__all__ = ["Recipe", "RECIPES", "recipe", "model_config", "prepare_data", "PreparedData"]
+__all__ = ["Recipe", "RECIPES", "recipe", "model_config", "prepare_data", "PreparedData", "base_model_path"]
+
+
+def base_model_path() -> Path:
+    """The folder of the shipped base model (``qwen_edu/assets/base_model``)."""
+    path = Path(str(files("qwen_edu") / "assets" / "base_model"))
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{path} holds no model; build it with "
+                                "`python -m qwen_edu.training.train_base --out qwen_edu/assets/base_model`")
+    return path
 
 
 @dataclass(frozen=True)
@@ -34,23 +45,23 @@ class Recipe:
     vocab_multiple: int = 64  # pad the embedding rows to a multiple of this (Qwen pads too)
 
 
-_COMMON_MODEL = dict(model_type="qwen2", rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
-                     max_position_embeddings=1024)
+# max_position_embeddings is the trained context (the row length): the long-context chapter extends from it.
+_COMMON_MODEL = dict(model_type="qwen2", rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
 
 RECIPES: dict[str, Recipe] = {
     "tiny": Recipe(
         "tiny", n_docs=3000, val_fraction=0.05, bpe_vocab_size=1024,
         model=dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, **_COMMON_MODEL),
+                   num_key_value_heads=2, max_position_embeddings=128, **_COMMON_MODEL),
         train=TrainConfig(max_steps=150, batch_size=16, micro_batch_size=16, seq_len=128, lr=5e-3, min_lr=5e-4,
                           warmup_steps=15, eval_every=50, precision="fp32", seed=0),
     ),
     "base": Recipe(
         "base", n_docs=60000, val_fraction=0.01, bpe_vocab_size=2048,
         model=dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
-                   num_key_value_heads=2, **_COMMON_MODEL),
-        train=TrainConfig(max_steps=800, batch_size=16, micro_batch_size=16, seq_len=256, lr=3e-3, min_lr=3e-4,
-                          warmup_steps=40, weight_decay=0.1, eval_every=100, save_every=100, precision="bf16",
+                   num_key_value_heads=2, max_position_embeddings=256, **_COMMON_MODEL),
+        train=TrainConfig(max_steps=1400, batch_size=16, micro_batch_size=16, seq_len=256, lr=3e-3, min_lr=3e-4,
+                          warmup_steps=60, weight_decay=0.1, eval_every=200, save_every=200, precision="bf16",
                           seed=0),
     ),
 }
@@ -67,10 +78,10 @@ def recipe(name: str, **train_overrides: Any) -> Recipe:
 
 
 def model_config(r: Recipe, tokenizer) -> QwenConfig:
-    """The model config for a recipe and a trained tokenizer (vocab rows padded, eos/bos = end-of-text)."""
+    """The model config for a recipe and a trained tokenizer (vocab rows padded; bos = eos = pad = end-of-text)."""
     vocab = math.ceil(tokenizer.vocab_size / r.vocab_multiple) * r.vocab_multiple
     eos = tokenizer.eos_id
-    return QwenConfig(vocab_size=vocab, bos_token_id=eos, eos_token_id=eos, **r.model)
+    return QwenConfig(vocab_size=vocab, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, **r.model)
 
 
 @dataclass

@@ -12,8 +12,8 @@ The same script runs on several processes with an existing engine (gloo on CPU, 
 The output folder holds ``config.json`` + ``model.safetensors`` (loadable by transformers'
 ``Qwen2ForCausalLM`` and ``qwen_edu.load_model``), the tokenizer (``tokenizer.json`` etc., loadable by
 ``qwen_edu.load_tokenizer`` and the ``tokenizers`` library), ``training_log.json`` and a model card.
-The resumable trainer state goes to ``--work-dir`` (default ``<out>/../<name>_work``), not into the
-shipped folder; ``--resume`` continues from it.
+The resumable trainer state goes to ``--work-dir`` (default ``$TMPDIR/qwen_edu_runs/<out folder name>``),
+never into the shipped folder; ``--resume`` continues from it.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import argparse
 import json
 import os
 import platform
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +33,7 @@ from qwen_edu.training.distributed import init_distributed
 from qwen_edu.training.presets import model_config, prepare_data, recipe
 from qwen_edu.training.trainer import CHECKPOINT_NAME, Trainer, init_weights
 
-__all__ = ["main", "sample_stories", "SAMPLE_PROMPTS"]
+__all__ = ["main", "sample_stories", "model_card", "write_model_card", "SAMPLE_PROMPTS", "VAL_LOSS_THRESHOLD"]
 
 SAMPLE_PROMPTS = ["Once upon a time, there was", "One day, Tom went to the park with his friend", "def add(a, b):\n",
                   "12 + 35 ="]
@@ -63,6 +65,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="override the seed (corpus, init, data order)")
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--parallel", default=None, choices=["none", "ddp", "fsdp"])
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="sequences per forward pass and process (default: the recipe's, split over processes)")
     p.add_argument("--attn", default=None, choices=["sdpa", "eager"], help="attention implementation")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
@@ -79,10 +83,18 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = {k: v for k, v in dict(max_steps=args.steps, seed=args.seed, precision=args.precision,
                                        parallel=args.parallel, attn_implementation=args.attn,
                                        num_threads=args.threads).items() if v is not None}
+    if args.steps is not None:  # a shorter run keeps its warm-up inside the run
+        overrides["warmup_steps"] = min(recipe(args.recipe).train.warmup_steps, args.steps)
+    base_train = recipe(args.recipe).train
+    if args.micro_batch_size is not None:
+        overrides["micro_batch_size"] = args.micro_batch_size
+    elif base_train.batch_size % (base_train.micro_batch_size * info.world_size):
+        # same global batch (so the same training maths), split over the processes
+        overrides["micro_batch_size"] = max(1, base_train.batch_size // info.world_size)
     if info.world_size > 1 and "parallel" not in overrides:
         overrides["parallel"] = "ddp"
     out = Path(args.out)
-    work = Path(args.work_dir) if args.work_dir else out.parent / f"{out.name}_work"
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.gettempdir()) / "qwen_edu_runs" / out.resolve().name
     overrides["out_dir"] = str(work)
     overrides["progress"] = not args.no_progress
     r = recipe(args.recipe, **overrides)
@@ -132,8 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
         samples = sample_stories(final, data.tokenizer)
         summary = {
             "recipe": r.name,
-            "command": "python -m qwen_edu.training.train_base " + " ".join(argv or []) if argv is not None else
-            "python -m qwen_edu.training.train_base --out " + str(args.out),
+            "n_docs": r.n_docs,
+            "command": "python -m qwen_edu.training.train_base " + " ".join(sys.argv[1:] if argv is None else argv),
             "seed": cfg.seed,
             "parameters": n_params,
             "vocab_size_tokenizer": data.tokenizer.vocab_size,
@@ -150,11 +162,13 @@ def main(argv: list[str] | None = None) -> dict:
             "final_val_loss_shipped_weights": val_shipped,
             "shipped_dtype": args.save_dtype,
             "val_history": result.val_history,
-            "loss_every_10_steps": [(h.step, round(h.loss, 4)) for h in result.history if h.step % 10 == 0],
+            "history": [{"step": h.step, "loss": round(h.loss, 5), "lr": float(f"{h.lr:.6g}"),
+                         "grad_norm": round(h.grad_norm, 4)} for h in result.history],
             "machine": f"{platform.machine()} {platform.processor() or ''} torch {torch.__version__}, "
                        f"{torch.get_num_threads()} threads".strip(),
             "samples": samples,
         }
+        (out / "README.md").write_text(model_card(summary, config), encoding="utf-8")
         with open(out / "training_log.json", "w", encoding="utf-8") as fh:
             json.dump(summary, fh, indent=1)
             fh.write("\n")
@@ -167,6 +181,113 @@ def main(argv: list[str] | None = None) -> dict:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return summary
+
+
+VAL_LOSS_THRESHOLD = 0.6  # what tests/test_training_base_model.py demands of the shipped weights
+
+
+def model_card(summary: dict, config) -> str:
+    """The README.md of the output folder, filled in from the run's summary."""
+    t = summary["train_config"]
+    tokens = summary["tokens_seen"]
+    samples = "\n\n".join("```text\n" + s.strip() + "\n```" for s in summary["samples"])
+    val_rows = "\n".join(f"| {step} | {loss:.4f} |" for step, loss in summary["val_history"])
+    return f"""# qwen-edu base model
+
+The small base model the book pre-trains in chapter 3 and builds on later (alignment, specialists).
+It is a **Qwen2-architecture** decoder -- the same code path as Qwen2/Qwen2.5 (`model_type: "qwen2"`),
+just tiny -- trained from scratch on the book's own generated corpus (`qwen_edu.corpus`).
+
+| | |
+|---|---|
+| architecture | Qwen2: {config.num_hidden_layers} layers, hidden {config.hidden_size}, SwiGLU {config.intermediate_size}, \
+{config.num_attention_heads} query heads / {config.num_key_value_heads} KV heads (GQA, head dim {config.head_dim}), RoPE θ={config.rope_theta:g}, \
+RMSNorm ε={config.rms_norm_eps:g}, q/k/v bias, tied embeddings |
+| parameters | {summary["parameters"]:,} |
+| vocabulary | {summary["vocab_size_tokenizer"]} byte-level BPE tokens, the last three special (end-of-text, \
+ChatML im_start / im_end); embedding padded to {config.vocab_size} rows |
+| weights | `model.safetensors`, {summary["shipped_dtype"]} |
+| context | trained on {t["seq_len"]}-token rows (RoPE allows more, untested) |
+| final validation loss | **{summary["final_val_loss_shipped_weights"]:.4f}** nats/token (shipped weights, fp32 compute); \
+the tests require < {VAL_LOSS_THRESHOLD} |
+| training time | {summary["train_seconds"] / 60:.1f} min ({summary["train_seconds"]:.0f} s) + {summary["data_seconds"]:.0f} s data preparation, \
+{summary["world_size"]} process(es): {summary["machine"]} |
+
+## Reproduce
+
+```bash
+python -m qwen_edu.training.train_base --out qwen_edu/assets/base_model
+```
+
+(this run: `{summary["command"]}`; `--threads` and `--work-dir` change neither the data nor the schedule).
+
+Seed {summary["seed"]} fixes everything: the corpus (`build_corpus({summary.get("n_docs", 60000)}, seed={summary["seed"]})`), the
+tokenizer, the initial weights and the data order. Re-running on the same machine and thread count
+repeats the run bit for bit; other CPUs give slightly different numbers (different kernels).
+The trainer state for `--resume` is written to `<out>_work/`, not here.
+
+## Data
+
+`qwen_edu.corpus.build_corpus`: about 80% simple stories from a templated grammar (characters, places,
+objects, eight plots), 10% small Python functions and 10% arithmetic lines (`12 + 35 = 47`).
+{summary["train_tokens_per_epoch"]:,} training tokens per epoch, {summary["val_tokens"]:,} validation tokens (the last 1% of the
+documents, held out before the tokenizer is trained). Documents are packed into rows of {t["seq_len"]} tokens
+with `<|endoftext|>` after each one. The run saw {tokens:,} tokens ({tokens / summary["train_tokens_per_epoch"]:.2f} epochs).
+
+**Why a trained vocabulary, not Qwen's.** Qwen's 151,643-token vocabulary would need a
+{151936 * config.hidden_size / 1e6:.0f}M-parameter embedding at this width -- many times the whole model. A BPE
+vocabulary trained with the book's own trainer (`qwen_edu.tokenizer.train_tokenizer`, Qwen's
+pre-tokenizer regex, asked for 2048 entries) stops at {summary["vocab_size_tokenizer"] - 3} + 3 special tokens because by then no
+pair repeats: every word of the corpus is already one token.
+
+## Training
+
+AdamW (β = {tuple(t["betas"])}, ε = {t["eps"]:g}), weight decay {t["weight_decay"]} on matrices only (norm gains and biases
+undecayed), peak learning rate {t["lr"]:g} after {t["warmup_steps"]} linear warm-up steps, cosine decay to {t["min_lr"]:g} at step
+{t["max_steps"]}, gradient clipping at {t["grad_clip"]}, {t["batch_size"]} sequences per step, {t["precision"]} autocast,
+`{t["attn_implementation"] or "sdpa"}` attention. Initialisation N(0, 0.02) as in Hugging Face's Qwen2.
+
+| step | validation loss |
+|---:|---:|
+{val_rows}
+
+## Use
+
+```python
+import qwen_edu
+from importlib.resources import files
+path = files("qwen_edu") / "assets" / "base_model"
+tok = qwen_edu.load_tokenizer(path)
+model = qwen_edu.load_model(path, dtype="float32")
+ids = torch.tensor([tok.encode("Once upon a time, there was")])
+print(tok.decode(qwen_edu.generate(model, ids, max_new_tokens=150, eos_token_id=tok.eos_id)[0].tolist()))
+```
+
+`transformers.Qwen2ForCausalLM.from_pretrained(path)` and `tokenizers.Tokenizer.from_file(path / "tokenizer.json")`
+read the same files.
+
+## Samples (temperature 0.8, top-k 40, seed 0)
+
+{samples}
+
+## Limitations
+
+It knows only the generated corpus: simple stories in a small vocabulary, the shapes of small Python
+functions, and the *look* of arithmetic -- its sums are mostly wrong (the specialisation chapter fixes
+that). Names and objects are sometimes mixed up within a story. It is a teaching model, not a
+general-purpose one.
+"""
+
+
+def write_model_card(folder: str | os.PathLike) -> Path:
+    """Re-render ``README.md`` of a trained folder from its ``training_log.json`` and ``config.json``."""
+    from qwen_edu.models import QwenConfig
+
+    folder = Path(folder)
+    summary = json.loads((folder / "training_log.json").read_text(encoding="utf-8"))
+    path = folder / "README.md"
+    path.write_text(model_card(summary, QwenConfig.from_hf_config(folder)), encoding="utf-8")
+    return path
 
 
 @torch.no_grad()

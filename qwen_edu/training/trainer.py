@@ -248,7 +248,8 @@ class Trainer:
         """One optimizer step over this rank's micro-batches; returns ``(global mean loss, grad norm)``."""
         self.model.train()
         local_targets = sum(count_targets(b["labels"]) for b in micro_batches)
-        global_targets = all_reduce_sum(torch.as_tensor(local_targets, dtype=torch.float64)).item()
+        # (on self.device: NCCL reduces only GPU tensors)
+        global_targets = all_reduce_sum(torch.as_tensor(local_targets, dtype=torch.float64, device=self.device)).item()
         if global_targets == 0:
             raise ValueError(f"step {self.step}: the global batch has no targets (all labels are -100)")
         scale = self.info.world_size / global_targets
@@ -420,7 +421,7 @@ class Trainer:
         if not file.is_file():
             raise ResumeError(f"no training checkpoint at {file}")
         try:
-            state = torch.load(file, map_location="cpu", weights_only=False)
+            state = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise ResumeError(f"{file} is not a readable training checkpoint: {exc}") from exc
         if not isinstance(state, dict) or "model" not in state or "optimizer" not in state:
