@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
             "history": [{"step": h.step, "loss": round(h.loss, 5), "lr": float(f"{h.lr:.6g}"),
                          "grad_norm": round(h.grad_norm, 4)} for h in result.history],
             "machine": f"{platform.machine()} {platform.processor() or ''} torch {torch.__version__}, "
-                       f"{torch.get_num_threads()} threads".strip(),
+                       f"{torch.get_num_threads()} thread(s)".strip(),
             "samples": samples,
         }
         (out / "README.md").write_text(model_card(summary, config), encoding="utf-8")
@@ -211,7 +211,8 @@ ChatML im_start / im_end); embedding padded to {config.vocab_size} rows |
 | final validation loss | **{summary["final_val_loss_shipped_weights"]:.4f}** nats/token (shipped weights, fp32 compute); \
 the tests require < {VAL_LOSS_THRESHOLD} |
 | training time | {summary["train_seconds"] / 60:.1f} min ({summary["train_seconds"]:.0f} s) + {summary["data_seconds"]:.0f} s data preparation, \
-{summary["world_size"]} process(es): {summary["machine"]} |
+{summary["world_size"]} process(es), {summary["tokens_seen"] / summary["train_seconds"]:,.0f} tokens/s on \
+{" ".join(summary["machine"].split())} (a 2-core CPU shared with other jobs) |
 
 ## Reproduce
 
@@ -224,7 +225,10 @@ python -m qwen_edu.training.train_base --out qwen_edu/assets/base_model
 Seed {summary["seed"]} fixes everything: the corpus (`build_corpus({summary.get("n_docs", 60000)}, seed={summary["seed"]})`), the
 tokenizer, the initial weights and the data order. Re-running on the same machine and thread count
 repeats the run bit for bit; other CPUs give slightly different numbers (different kernels).
-The trainer state for `--resume` is written to `<out>_work/`, not here.
+The resumable trainer state goes to `$TMPDIR/qwen_edu_runs/` (or `--work-dir`), not into this folder;
+`--resume` continues an interrupted run exactly. The same command runs on several processes:
+`torchrun --nproc_per_node 2 -m qwen_edu.training.train_base --parallel ddp|fsdp --out DIR`
+(same global batch, so the same training maths up to float rounding).
 
 ## Data
 
@@ -254,6 +258,7 @@ undecayed), peak learning rate {t["lr"]:g} after {t["warmup_steps"]} linear warm
 ## Use
 
 ```python
+import torch
 import qwen_edu
 from importlib.resources import files
 path = files("qwen_edu") / "assets" / "base_model"
