@@ -192,8 +192,25 @@ def test_config_errors():
         _cfg(precision="fp8")
     with pytest.raises(ValueError, match="rows are 16 tokens long"):
         Trainer(tiny_model(), _cfg(seq_len=32), tiny_data())
-    with pytest.raises(ValueError, match="fp16 training needs a GPU"):
-        Trainer(tiny_model(), _cfg(precision="fp16"), tiny_data())
+
+
+def test_fp16_grad_scaler_path_and_its_resume(tmp_path):
+    # the T4 path (fp16 autocast + GradScaler) also runs on a CPU, which lets us test it here
+    data = tiny_data()
+    with pytest.warns(UserWarning, match="fp16"):
+        full_trainer = Trainer(tiny_model(), _cfg(precision="fp16"), data)
+    assert full_trainer.scaler.is_enabled()
+    full = full_trainer.train().losses
+    assert all(math.isfinite(x) for x in full)
+    with pytest.warns(UserWarning, match="fp16"):
+        first = Trainer(tiny_model(), _cfg(precision="fp16"), data)
+    first.train(stop_at=2)
+    first.save_checkpoint(tmp_path)
+    with pytest.warns(UserWarning, match="fp16"):
+        resumed = Trainer(tiny_model(seed=5), _cfg(precision="fp16"), data)
+    rest = resumed.train(resume_from=tmp_path).losses
+    assert first.result.losses + rest == full
+    assert resumed.scaler.get_scale() == full_trainer.scaler.get_scale()
 
 
 def test_callbacks_eager_attention_and_bf16():
