@@ -141,7 +141,7 @@ def test_specialist_measures_and_continued_pretraining(tok):
 # --- cross-checks against trl (when it is installed) ----------------------------------------------------
 
 def test_logprobs_and_entropy_match_trl():
-    utils = pytest.importorskip("trl.trainer.utils")
+    import trl.trainer.utils as utils  # trl is in the test extra
     torch.manual_seed(0)
     logits = torch.randn(2, 7, 50)
     tokens = torch.randint(0, 50, (2, 7))
@@ -151,7 +151,7 @@ def test_logprobs_and_entropy_match_trl():
 
 def test_dpo_loss_matches_trl_dpo_trainer(tok):
     """Run trl's own ``DPOTrainer._compute_loss`` on a stub holding our model's per-token log-probs."""
-    dpo_module = pytest.importorskip("trl.trainer.dpo_trainer")
+    import trl.trainer.dpo_trainer as dpo_module  # trl is in the test extra
     policy = toy_model(0)
     ref = toy_model(1)
     encoded = [encode_pair(tok, p) for p in make_comparisons(4, seed=2)]
