@@ -15,9 +15,11 @@ matter; the scale is anchored by the data.
 from __future__ import annotations
 
 import copy
+import os
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -63,6 +65,42 @@ class ScalarHeadModel(nn.Module):
     def from_causal_lm(cls, lm: Qwen2ForCausalLM) -> ScalarHeadModel:
         """A new model whose backbone is a *copy* of ``lm.model`` (the LM itself is untouched)."""
         return cls(copy.deepcopy(lm.model))
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """``config.json`` (the backbone's Qwen2 config) + ``model.safetensors`` (``model.*``, ``score.*``)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.save(folder)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()
+                   if not k.endswith("rotary_emb.inv_freq")}
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt", "head": type(self).__name__})
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> ScalarHeadModel:
+        """Load what :meth:`save_pretrained` wrote; every key must be present with its shape."""
+        from safetensors.torch import load_file
+
+        from qwen_edu.models import QwenConfig
+
+        folder = Path(folder)
+        if not (folder / "model.safetensors").is_file():
+            raise FileNotFoundError(f"{folder} has no model.safetensors (write it with save_pretrained)")
+        with torch.device("meta"):
+            model = cls(Qwen2Model(QwenConfig.from_hf_config(folder)))
+        tensors = {k: v.to(dtype) for k, v in load_file(str(folder / "model.safetensors")).items()}
+        expected = {k: tuple(p.shape) for k, p in model.named_parameters()}
+        found = {k: tuple(v.shape) for k, v in tensors.items()}
+        if expected != found:
+            missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+            wrong = [k for k in set(expected) & set(found) if expected[k] != found[k]]
+            raise ValueError(f"{folder}: missing keys {missing}, unexpected keys {unexpected}, "
+                             f"wrong shapes {[(k, expected[k], found[k]) for k in wrong]}")
+        model.load_state_dict(tensors, strict=False, assign=True)
+        model.model.rotary_emb.to("cpu")  # rebuild the (non-persistent) RoPE frequencies off the meta device
+        return model.eval()
 
     def token_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """One score per position ``[B, L]`` (fp32); padded batches get positions counting real tokens."""

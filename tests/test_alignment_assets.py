@@ -1,0 +1,55 @@
+"""The shipped SFT and reward models, and saving/loading a reward model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import qwen_edu
+from qwen_edu.alignment.assets import reward_model_path, sft_model_path
+from qwen_edu.alignment.reward import RewardModel, ValueModel
+from qwen_edu.alignment.toy import toy_model
+
+
+def test_reward_model_round_trip(tmp_path):
+    model = RewardModel.from_causal_lm(toy_model(0)).eval()
+    with torch.no_grad():
+        model.score.bias.fill_(0.3)
+    model.save_pretrained(tmp_path)
+    loaded = RewardModel.from_pretrained(tmp_path)
+    ids = torch.randint(0, model.config.vocab_size, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    torch.testing.assert_close(loaded(ids, mask), model(ids, mask), rtol=0, atol=0)
+
+
+def test_reward_model_load_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        RewardModel.from_pretrained(tmp_path)
+    RewardModel.from_causal_lm(toy_model(0)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["hidden_size"] *= 2
+    config["intermediate_size"] *= 2
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="wrong shapes"):
+        RewardModel.from_pretrained(tmp_path)
+    ValueModel.from_causal_lm(toy_model(0)).save_pretrained(tmp_path / "value")
+    assert isinstance(ValueModel.from_pretrained(tmp_path / "value"), ValueModel)
+
+
+def test_shipped_sft_and_reward_models_load_and_agree_with_their_log():
+    log = json.loads((sft_model_path() / "alignment_log.json").read_text())
+    assert log["sft_format_rate"] >= 0.9 and log["reward_heldout_accuracy"] > 0.7
+    sft = qwen_edu.load_model(sft_model_path(), dtype=torch.float32)
+    tokenizer = qwen_edu.load_tokenizer(sft_model_path())
+    reward = RewardModel.from_pretrained(reward_model_path())
+    prompt = [{"role": "user", "content": "What is 3 + 4?"}]
+    chosen = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": "3 + 4 = 7."}]).ids
+    rejected = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": "3 + 4 = 9."}]).ids
+    with torch.no_grad():
+        scores = reward(torch.tensor([chosen, rejected]))
+        logits = sft(torch.tensor([chosen])).logits
+    assert torch.isfinite(logits).all()
+    assert scores[0] > scores[1], "the shipped reward model prefers the correct sum"
