@@ -84,6 +84,10 @@ def command_test(args: argparse.Namespace) -> None:
         timings.append((name, time.perf_counter() - start))
 
     step("ruff", BIN / "ruff", "check", ".")
+    # Each xdist worker (and each notebook kernel it starts) gets one intra-op thread: with two workers
+    # on two cores, PyTorch's default of one thread per core oversubscribes the CPU, and OpenMP's
+    # spin-waiting then slows every notebook down by an order of magnitude.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.workers)))
     pytest_args = [
         "-n", str(args.workers), "--dist", "loadfile",
         "--nbval-lax", "--nbval-current-env", "--nbval-cell-timeout", "900",
