@@ -61,7 +61,7 @@ def test_window_mask_keeps_exactly_the_last_w_keys():
     assert torch.equal(visible, expected)
     full = window_mask(5, 9, None)
     torch.testing.assert_close(full, causal_mask(5, 9, torch.float32))
-    assert torch.equal(window_mask(5, 9, 100), full), "a window longer than the context is full attention"
+    assert torch.equal(window_mask(5, 9, 9), full), "a window as long as the context is full attention"
 
 
 @pytest.mark.parametrize(
@@ -73,6 +73,9 @@ def test_window_mask_keeps_exactly_the_last_w_keys():
         (lambda: layer_window_sizes(4, 8, 16, schedule="cosine"), "unknown window schedule"),
         (lambda: window_mask(4, 8, 0), "window must be >= 1"),
         (lambda: window_mask(9, 8, 4), "q_len=9 exceeds kv_len=8"),
+        (lambda: window_mask(4, 8, 100), "window of 100 tokens is longer than the 8-token sequence"),
+        (lambda: compute_rope_parameters(63, 1e4), "head_dim must be even"),
+        (lambda: compute_rope_parameters(64, 1e4, {"rope_type": "yarn", "factor": 0.5}), "factor must be >= 1"),
         (lambda: logn_scale(torch.arange(3), 1), "training_length must be >= 2"),
         (lambda: dca_position_tables(10, 8, 8), "need 0 <= local_size < chunk_size"),
     ],

@@ -75,12 +75,16 @@ def window_mask(q_len: int, kv_len: int, window: int | None, dtype: torch.dtype 
 
     Key ``j`` is visible to the query at (bottom-right aligned) position ``i`` when
     ``i - window < j <= i``: the last ``window`` tokens including the query's own, as in the
-    reference's sliding-window attention. ``window=None`` is plain causal attention.
+    reference's sliding-window attention. ``window=None`` is plain causal attention; a window longer
+    than the sequence is an error (it is almost always a mix-up of window and sequence length).
     """
     if q_len > kv_len:
         raise ValueError(f"q_len={q_len} exceeds kv_len={kv_len}")
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1 token (or None for full attention), got {window}")
+    if window is not None and window > kv_len:
+        raise ValueError(f"a window of {window} tokens is longer than the {kv_len}-token sequence; "
+                         "pass window=None for full causal attention")
     q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
     k_pos = torch.arange(kv_len, device=device)[None, :]
     allowed = k_pos <= q_pos

@@ -155,6 +155,11 @@ def compute_rope_parameters(head_dim: int, rope_theta: float, rope_scaling: dict
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise NotImplementedError(f"rope_type {rope_type!r}; known: {sorted(ROPE_INIT_FUNCTIONS)}")
+    if head_dim < 2 or head_dim % 2:
+        raise ValueError(f"RoPE rotates pairs of features: head_dim must be even and >= 2, got {head_dim}")
+    factor = scaling.get("factor")
+    if factor is not None and factor < 1:
+        raise ValueError(f"rope_scaling factor must be >= 1 (it extends the context), got {factor} for {rope_type!r}")
     return ROPE_INIT_FUNCTIONS[rope_type](head_dim, rope_theta, scaling, max_position_embeddings, seq_len)
 
 
