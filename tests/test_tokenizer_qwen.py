@@ -63,7 +63,11 @@ def nfc(text: str) -> str:
 _interesting = st.sampled_from(
     list(" \t\n\r\u00a0\u3000'sS0123456789aé的字😀.,!?-_()<|>#\\") + ["\r\n", "'ll", "<|im_end|>", "e\u0301"]
 )
-TEXT = st.lists(st.one_of(_interesting, st.characters(exclude_categories=("Cs",))), max_size=60).map("".join)
+# Unassigned code points (category Cn in Python's Unicode tables) are left out: the `regex` module,
+# tiktoken and quicktok each ship their own Unicode version, so a character assigned recently (e.g.
+# U+323B0, CJK Extension H) is a letter \p{L} for one and not for another, and the pre-tokenizer
+# legitimately splits it differently. Every assigned character is compared.
+TEXT = st.lists(st.one_of(_interesting, st.characters(exclude_categories=("Cs", "Cn"))), max_size=60).map("".join)
 
 
 # --- parity -------------------------------------------------------------------------------------
@@ -113,6 +117,17 @@ def test_parity_hypothesis(qwen, tiktoken_qwen, quick, text):
     assert ours == quick.encode_ordinary(text)
     assert qwen.decode(ours) == text
     assert qwen.encode(text) == tiktoken_qwen.encode(text, allowed_special="all")
+
+
+def test_recently_assigned_letters_follow_the_regex_modules_unicode_tables(qwen):
+    """The known, documented difference: U+323B0 is a letter for `regex`, so "'a" stays one chunk."""
+    import regex
+
+    from qwen_edu.tokenizer import pretokenize
+
+    if not regex.fullmatch(r"\p{L}", "\U000323b0"):
+        pytest.skip("this regex build predates Unicode 15")
+    assert pretokenize("\U000323b0'a") == ["\U000323b0", "'a"]
 
 
 @settings(max_examples=60, deadline=None)
