@@ -34,15 +34,6 @@ def test_logn_is_one_inside_the_training_length_and_log_ratio_beyond():
     assert factors[4].item() == pytest.approx(1.1538, abs=1e-4)
 
 
-def test_logn_matches_the_model_attention_rule():
-    """qwen_edu's Qwen-1 attention applies the same factor (one rule, one place of truth)."""
-    from qwen_edu.models.layers import Attention
-
-    attn = Attention(64, 4, logn_seq_length=16)
-    positions = torch.arange(40)[None]
-    torch.testing.assert_close(attn._logn(positions)[0, 0, :, 0], logn_scale(positions[0], 16))
-
-
 # --- window attention -----------------------------------------------------------------------------
 
 

@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import nbformat
 import pytest
@@ -258,7 +257,3 @@ def test_torch_is_pinned_only_in_the_constraints():
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert not re.search(r'"torch\s*==', pyproject), "never pin torch in the package metadata"
     assert re.search(r"^torch==2\.13\.0$", (ROOT / "constraints.txt").read_text(), flags=re.MULTILINE)
-
-
-def test_paths_are_relative_to_the_repository():
-    assert Path(load_tool("dev").ROOT) == ROOT
