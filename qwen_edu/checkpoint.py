@@ -30,7 +30,7 @@ from torch import nn
 
 from qwen_edu.models.config import dtype_from_str, dtype_to_str
 from qwen_edu.models.layouts import TensorSource
-from qwen_edu.models.registry import ModelEntry, get_model_entry
+from qwen_edu.models.registry import ModelEntry, entry_for_config
 
 __all__ = [
     "CheckpointError",
@@ -357,7 +357,7 @@ def load_model(path_or_hub_id: str | os.PathLike, dtype: torch.dtype | str | Non
     """
     folder = resolve_checkpoint(path_or_hub_id, revision)
     raw_config = read_checkpoint_config(folder)
-    entry = get_model_entry(raw_config.get("model_type", "qwen2"))
+    entry = entry_for_config(raw_config)
     try:
         config = entry.config_from_hf(raw_config)
     except (KeyError, TypeError, ValueError) as exc:
@@ -435,7 +435,7 @@ def save_model(model: nn.Module, folder: str | os.PathLike, *, max_shard_size: i
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config  # type: ignore[attr-defined]
-    entry = get_model_entry(config.model_type)
+    entry = entry_for_config(config.to_hf_config())
     state = {name: p.detach() for name, p in model.named_parameters()}
     tensors = {k: v.to("cpu").contiguous() for k, v in entry.layout.to_checkpoint(state, config).items()}
 

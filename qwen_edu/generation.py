@@ -77,8 +77,13 @@ def _eos_ids(model: nn.Module, eos_token_id: int | Iterable[int] | None) -> list
 
 def _token_steps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                  max_new_tokens: int, eos_ids: list[int], pad_token_id: int | None,
-                 sample: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row ``[B]``, step by step (the engine behind both public APIs)."""
+                 sample: Callable[[torch.Tensor], torch.Tensor],
+                 prefill_inputs: dict[str, Any] | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row ``[B]``, step by step (the engine behind both public APIs).
+
+    ``prefill_inputs`` (images, grids, ...) go to the first forward pass only: a vision-language
+    model encodes its images once, and every later step reads them from the cache like any token.
+    """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
     device = input_ids.device
@@ -95,8 +100,9 @@ def _token_steps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     tokens = input_ids
     for _ in range(max_new_tokens):
         with torch.inference_mode():
+            extra = {**keep, **(prefill_inputs or {})} if cache is None else {}
             out = model(tokens, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                        use_cache=True, **(keep if cache is None else {}))
+                        use_cache=True, **extra)
             cache = out.past_key_values
             next_tokens = sample(out.logits[:, -1, :])
             if eos is not None:
@@ -117,12 +123,15 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
              top_k: int | None = None, top_p: float | None = None,
              eos_token_id: int | Iterable[int] | None = None, pad_token_id: int | None = None,
              generator: torch.Generator | None = None,
-             streamer: Callable[[torch.Tensor], Any] | None = None) -> torch.Tensor:
+             streamer: Callable[[torch.Tensor], Any] | None = None,
+             **model_inputs: Any) -> torch.Tensor:
     """Continue ``input_ids [B, L]`` by up to ``max_new_tokens``; return ``[B, L + new]``.
 
     ``attention_mask`` marks real tokens (1) in a left-padded batch. ``eos_token_id=None`` uses the
     model config's eos ids (``[]`` disables stopping). ``streamer`` is called with each new ``[B]``
     tensor of token ids as soon as it is chosen. With ``do_sample=False`` this is greedy decoding.
+    Any other keyword (``pixel_values=``, ``image_grid_thw=``, ...) is passed to the model's first
+    forward pass only, so the same function generates with text and vision-language models.
     """
     def sample(logits: torch.Tensor) -> torch.Tensor:
         return sample_next_token(logits, do_sample=do_sample, temperature=temperature, top_k=top_k,
@@ -130,7 +139,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
 
     new: list[torch.Tensor] = []
     for tokens in _token_steps(model, input_ids, attention_mask, max_new_tokens,
-                               _eos_ids(model, eos_token_id), pad_token_id, sample):
+                               _eos_ids(model, eos_token_id), pad_token_id, sample, model_inputs):
         new.append(tokens)
         if streamer is not None:
             streamer(tokens)

@@ -22,7 +22,13 @@ def test_reward_model_round_trip(tmp_path):
     ids = torch.randint(0, model.config.vocab_size, (3, 11))
     mask = torch.ones_like(ids)
     mask[0, :4] = 0  # left padding
-    torch.testing.assert_close(loaded(ids, mask), model(ids, mask), rtol=0, atol=0)
+    # The round trip itself is exact: every stored tensor comes back bit for bit.
+    saved, reloaded = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == reloaded.keys() and all(torch.equal(saved[k], reloaded[k]) for k in saved)
+    # Scores are float results of two computation paths (fresh vs memory-mapped weights, whose
+    # alignment picks different SIMD blockings for the matmuls), so they agree up to fp32
+    # summation-order rounding: a few ulp of the hidden width's dot products, far below 1e-5.
+    torch.testing.assert_close(loaded(ids, mask), model(ids, mask), rtol=1e-5, atol=1e-5)
 
 
 def test_reward_model_load_errors_name_the_problem(tmp_path):

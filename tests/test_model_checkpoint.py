@@ -138,8 +138,13 @@ def test_save_load_round_trip_is_bit_exact(base, mha, tmp_path, layout, shard):
 def test_saving_over_the_loaded_folder_is_safe(broken):
     model = load_model(broken)
     before = _logits(model)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
     save_model(model, broken)
-    torch.testing.assert_close(_logits(load_model(broken)), before, atol=0, rtol=0)
+    again = load_model(broken)
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in weights.items()), "weights survive bit for bit"
+    # Logits of a reloaded model: same weights, but another computation path (memory layout can
+    # change the matmul blocking), so fp32 summation-order rounding only.
+    torch.testing.assert_close(_logits(again), before, atol=1e-5, rtol=1e-5)
 
 
 # --- hub ids ------------------------------------------------------------------------------------------
@@ -153,7 +158,9 @@ def test_hub_id_goes_through_snapshot_download(base, monkeypatch):
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
     model = load_model("Qwen/Qwen2-0.5B", revision="main")
     assert calls == [("Qwen/Qwen2-0.5B", "main")] and model.name_or_path == "Qwen/Qwen2-0.5B"
-    torch.testing.assert_close(_logits(model), _logits(load_model(base)), atol=0, rtol=0)
+    local = load_model(base)
+    assert all(torch.equal(p, local.state_dict()[k]) for k, p in model.state_dict().items())
+    torch.testing.assert_close(_logits(model), _logits(local), atol=1e-5, rtol=1e-5)  # reloaded: rounding only
 
 
 def test_hub_download_failure_is_reported(monkeypatch):

@@ -37,6 +37,25 @@ def run(*args: str | os.PathLike, **kwargs) -> None:
     subprocess.run([str(a) for a in args], cwd=ROOT, check=True, **kwargs)
 
 
+def run_quietly(*args: str | os.PathLike) -> None:
+    """Run a setup command; show its output only if it fails (pip's build chatter is not news)."""
+    printable = " ".join(str(a) for a in args)
+    print(f"\n$ {printable}", flush=True)
+    result = subprocess.run([str(a) for a in args], cwd=ROOT, capture_output=True, text=True)
+    if result.returncode:
+        print(result.stdout, result.stderr, sep="\n", file=sys.stderr)
+        raise subprocess.CalledProcessError(result.returncode, [str(a) for a in args])
+
+
+# The notebook kernels that nbval and the book build start talk to their client over localhost
+# TCP, and ipykernel 7 warns about the missing transport encryption at every start. Neither nbval
+# nor jupyter-cache lets us configure the client's transport, so the venv's own IPython config
+# lowers the kernel application's log level instead (notebook output and Python warnings are
+# unaffected).
+KERNEL_CONFIG = VENV / "etc" / "ipython" / "ipython_kernel_config.py"
+KERNEL_CONFIG_TEXT = 'c.IPKernelApp.log_level = "ERROR"  # written by tools/dev.py\n'
+
+
 def environment_fingerprint() -> str:
     digest = hashlib.sha256()
     for name in ("pyproject.toml", "constraints.txt"):
@@ -50,13 +69,15 @@ def ensure_environment() -> None:
     if sys.version_info < (3, 11):  # noqa: UP036 (the script may be started by an old python3)
         sys.exit(f"Python 3.11 or newer is needed; this is {sys.version.split()[0]}")
     fingerprint = environment_fingerprint()
-    if PYTHON.exists() and STAMP.exists() and STAMP.read_text() == fingerprint:
+    if PYTHON.exists() and STAMP.exists() and STAMP.read_text() == fingerprint and KERNEL_CONFIG.exists():
         return
     if not PYTHON.exists():
         print(f"creating virtual environment in {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
-    run(PYTHON, "-m", "pip", "install", "-q", "--upgrade", "pip")
-    run(PYTHON, "-m", "pip", "install", "-q", "-c", "constraints.txt", "-e", f".[{EXTRAS}]")
+    run_quietly(PYTHON, "-m", "pip", "install", "-q", "--upgrade", "pip")
+    run_quietly(PYTHON, "-m", "pip", "install", "-q", "-c", "constraints.txt", "-e", f".[{EXTRAS}]")
+    KERNEL_CONFIG.parent.mkdir(parents=True, exist_ok=True)
+    KERNEL_CONFIG.write_text(KERNEL_CONFIG_TEXT)
     STAMP.write_text(fingerprint)
 
 

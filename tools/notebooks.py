@@ -18,15 +18,29 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import nbformat
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _reexec_in_project_venv() -> None:
+    """Started by a Python without nbformat/yaml (e.g. the system ``python3``): re-run in ``.venv``."""
+    venv_python = ROOT / ".venv" / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    if venv_python.exists() and Path(sys.executable).resolve() != venv_python.resolve():
+        os.execv(str(venv_python), [str(venv_python), *sys.argv])
+    sys.exit("tools/notebooks.py needs nbformat and pyyaml: run `python3 tools/dev.py env` once "
+             "(it creates .venv), then run this script again")
+
+
+try:
+    import nbformat
+    import yaml
+except ImportError:
+    _reexec_in_project_venv()
 NOTEBOOKS = ROOT / "notebooks"
 BADGE_MARKER = "<!-- colab-badge -->"
 SETUP_TAGS = ("remove-cell", "nbval-skip")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen_edu.models.config import QwenConfig
-from qwen_edu.models.long_context import DualChunk, dual_chunk_attention, logn_scale, window_mask
+from qwen_edu.models.long_context_attention import DualChunk, dual_chunk_attention, logn_scale, window_mask
 from qwen_edu.models.rope import apply_rotary_pos_emb
 
 __all__ = [
@@ -156,7 +156,7 @@ class Attention(nn.Module):
     ``"sdpa"`` calls ``F.scaled_dot_product_attention``, which is faster and equal up to rounding.
     ``logn_seq_length`` switches on Qwen-1's logN query scaling (reference §5.5). Two more
     context-extension switches are plain attributes, set per layer by
-    :func:`qwen_edu.long_context.extend_context`: ``sliding_window`` (attend to the last N keys only)
+    :func:`qwen_edu.context_extension.extend_context`: ``sliding_window`` (attend to the last N keys only)
     and ``dual_chunk`` (Dual Chunk Attention, for whole-sequence evaluation without a cache).
     """
 

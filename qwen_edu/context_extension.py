@@ -10,7 +10,7 @@
 
 and :func:`per_position_nll` measures the loss at every position of long sequences, the curve that
 shows whether the model still uses (or at least survives) the extra context. The attention-level
-pieces live in :mod:`qwen_edu.models.long_context` and are re-exported here.
+pieces live in :mod:`qwen_edu.models.long_context_attention` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen_edu.models.long_context import (
+from qwen_edu.models.long_context_attention import (
     DualChunk,
     DualChunkTables,
     dca_position_tables,

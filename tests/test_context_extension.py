@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from qwen_edu.long_context import (
+from qwen_edu.context_extension import (
     dca_position_tables,
     dual_chunk_attention,
     extend_context,
@@ -183,6 +183,8 @@ def test_nothing_switched_on_changes_nothing():
     model = _tiny_model(layers=2)
     ids = torch.randint(0, 97, (2, 40))
     same = extend_context(model, training_length=16, window_sizes=[64, 64])
+    # Exact on purpose: windows longer than the sequence take the very same code path as no window,
+    # so this is a deterministic repeat of one computation, not two paths that may round differently.
     torch.testing.assert_close(same(ids).logits, model(ids).logits, rtol=0, atol=0)
     assert model.model.layers[0].self_attn.sliding_window is None, "the original model is left alone"
 
@@ -206,6 +208,7 @@ def test_logn_changes_only_positions_beyond_the_training_length():
     model = _tiny_model(layers=2)
     ids = torch.randint(0, 97, (2, 24))
     scaled = extend_context(model, training_length=16, logn=True)
+    # Up to T the LogN branch is not taken at all: the same computation, hence exactly equal.
     torch.testing.assert_close(scaled(ids[:, :16]).logits, model(ids[:, :16]).logits, rtol=0, atol=0)
     assert not torch.allclose(scaled(ids).logits[:, 16:], model(ids).logits[:, 16:])
 

@@ -11,7 +11,7 @@ frequency rule:
   query-key distance ever exceeds the chunk size the model was trained on.
 
 They live under ``qwen_edu.models`` because the attention layer uses them;
-:mod:`qwen_edu.long_context` switches them on for a whole model and measures the result.
+:mod:`qwen_edu.context_extension` switches them on for a whole model and measures the result.
 """
 
 from __future__ import annotations
