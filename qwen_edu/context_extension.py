@@ -100,8 +100,9 @@ def extend_context(model: nn.Module, training_length: int, *, rope: str | None =
         attention.logn_seq_length = training_length if logn else None
         attention.sliding_window = window_sizes[index] if window_sizes is not None else None
         if dual_chunk is not None:
-            attention.dual_chunk = DualChunk(dual_chunk[0], dual_chunk[1], rotary.inv_freq,
-                                             float(rotary.attention_scaling))
+            # A reference to the rotary embedding, not a copy of its frequencies: "dynamic" and
+            # "qwen1_ntk" recompute them from the input length at every forward pass.
+            attention.dual_chunk = DualChunk(dual_chunk[0], dual_chunk[1], rotary)
     return extended
 
 

@@ -19,7 +19,7 @@ from qwen_edu.context_extension import (
 )
 from qwen_edu.models import Qwen2ForCausalLM, QwenConfig, eager_attention
 from qwen_edu.models.layers import causal_mask
-from qwen_edu.models.rope import apply_rotary_pos_emb, compute_rope_parameters
+from qwen_edu.models.rope import apply_rotary_pos_emb, compute_rope_parameters, qwen1_ntk_alpha
 
 # --- LogN -----------------------------------------------------------------------------------------
 
@@ -225,6 +225,25 @@ def test_dual_chunk_attention_in_the_model():
     torch.testing.assert_close(sdpa(ids).logits, long, rtol=1e-5, atol=1e-5)
     with pytest.raises(NotImplementedError, match="no KV cache"):
         dca(ids, use_cache=True)
+
+
+@pytest.mark.parametrize("rope", ["dynamic", "qwen1_ntk"])
+def test_dca_rotates_with_length_dependent_frequencies(rope):
+    """Erratum: DCA used to keep a snapshot of the frequencies taken when it was switched on (the unscaled
+    ones for these two rules). At length L both rules amount to static NTK with an effective factor:
+    HF dynamic uses ``f * L / T - (f - 1)``, Qwen-1 uses its alpha; DCA must rotate with exactly that."""
+    model = _tiny_model(layers=2)
+    T, L = 16, 48
+    ids = torch.randint(0, 97, (2, L))
+    effective = 2.0 * L / T - 1.0 if rope == "dynamic" else float(qwen1_ntk_alpha(L, T))
+    assert effective == (5.0 if rope == "dynamic" else 7.0)
+    dca = extend_context(model, training_length=T, rope=rope, factor=2.0, dual_chunk=(16, 4))
+    static = extend_context(model, training_length=T, rope="ntk", factor=effective, dual_chunk=(16, 4))
+    plain = extend_context(model, training_length=T, dual_chunk=(16, 4))
+    # The two bases agree to fp32 rounding (one computed in fp32 tensors, one in Python floats), so the
+    # angles at DCA's positions (all < 16) agree to ~1e-6 rad; logits of order 1 then agree to ~1e-5.
+    torch.testing.assert_close(dca(ids).logits, static(ids).logits, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(dca(ids).logits, plain(ids).logits, atol=1e-3)
 
 
 def test_rope_scaling_is_swapped_in():

@@ -8,7 +8,7 @@ frequency rule:
 - :func:`logn_scale`: the query multiplier ``log(p + 1) / log(T)`` beyond the training length ``T``.
 - :func:`layer_window_sizes` and :func:`window_mask`: shorter attention windows in lower layers.
 - :func:`dca_position_tables` and :func:`dual_chunk_attention`: DCA's remapped positions, so that no
-  query-key distance ever exceeds the chunk size the model was trained on.
+  query-key distance ever exceeds ``chunk_size``, which is chosen no larger than the training length.
 
 They live under ``qwen_edu.models`` because the attention layer uses them;
 :mod:`qwen_edu.context_extension` switches them on for a whole model and measures the result.
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qwen_edu.models.rope import rotate_half
+from qwen_edu.models.rope import RotaryEmbedding, rotate_half
 
 __all__ = [
     "logn_scale",
@@ -96,23 +96,46 @@ def window_mask(q_len: int, kv_len: int, window: int | None, dtype: torch.dtype 
 
 @dataclass(frozen=True)
 class DualChunk:
-    """DCA switched on for one attention layer: chunk sizes plus the RoPE frequencies to rotate with."""
+    """DCA switched on for one attention layer: the chunk sizes and the model's rotary embedding.
+
+    The frequencies are *read from* ``rotary`` at every forward pass, not copied when DCA is switched
+    on: rules that change them with the input length (HF ``dynamic`` NTK, Qwen-1's ``qwen1_ntk``) run
+    in the model's rotary embedding before the layers, and DCA must rotate with what they chose.
+    """
 
     chunk_size: int
     local_size: int
-    inv_freq: torch.Tensor
-    attention_scaling: float = 1.0
+    rotary: RotaryEmbedding
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        """The rotary embedding's current fp32 inverse frequencies ``[head_dim / 2]``."""
+        return self.rotary.inv_freq
+
+    @property
+    def attention_scaling(self) -> float:
+        """The factor on cos and sin (YaRN's ``0.1 ln s + 1``; 1 for the other rules)."""
+        return float(self.rotary.attention_scaling)
 
 
 @dataclass(frozen=True)
 class DualChunkTables:
     """DCA's position tables for a sequence (all ``[seq_len]`` long integer tensors).
 
-    ``key``: every key sits at ``p mod chunk_len``. ``intra``: queries attending inside their own chunk
-    use the same numbering. ``successive``: queries attending to the previous chunk are shifted up by
-    ``chunk_len`` (clamped at ``chunk_size``), which keeps the first ``local_size`` distances exact.
-    ``inter``: queries attending to any earlier chunk sit at one fixed position, the largest the model
-    saw in training, so every such distance stays inside the trained range.
+    Chunks are ``chunk_len = chunk_size - local_size`` tokens long (not ``chunk_size``).
+
+    - ``key``: every key sits at ``p mod chunk_len``, so keys only ever use positions
+      ``0 .. chunk_len - 1``.
+    - ``intra``: a query attending inside its own chunk uses the same numbering, so those distances are
+      the true ones.
+    - ``successive``: a query attending to the previous chunk sits at ``p mod chunk_len + chunk_len``,
+      clamped at ``chunk_size``. Without the clamp its distances would be the true ones; with it they
+      stay true for the queries with ``p mod chunk_len <= local_size`` and are shortened, never beyond
+      ``chunk_size``, for the later queries of a chunk.
+    - ``inter``: a query attending to any earlier chunk sits at one fixed position,
+      ``min(2 * chunk_len - 1, chunk_size)``: the ``successive`` value of a chunk's last token, as in
+      vLLM's tables. It is *not* the last position of the training window (``T - 1``); it only
+      guarantees that every such distance lies between ``1`` and ``chunk_size``.
     """
 
     chunk_size: int
@@ -131,8 +154,10 @@ def dca_position_tables(seq_len: int, chunk_size: int, local_size: int,
                         device: torch.device | str | None = None) -> DualChunkTables:
     """Position ids for Dual Chunk Attention (An et al., 2024), laid out as vLLM's Qwen2 backend does.
 
-    ``chunk_size`` is at most the training length; ``local_size`` (< ``chunk_size``) is the window over
-    which successive-chunk distances stay exact. Chunks are ``chunk_len = chunk_size - local_size`` long.
+    ``chunk_size`` is the largest query-key distance DCA may produce (choose it no larger than the
+    training length); ``local_size`` (< ``chunk_size``) is the room left above each chunk so that the
+    first ``local_size + 1`` queries of a chunk see the previous chunk at its true distances. Chunks
+    are therefore ``chunk_len = chunk_size - local_size`` tokens long.
     """
     if not 0 <= local_size < chunk_size:
         raise ValueError(f"need 0 <= local_size < chunk_size, got local_size={local_size}, chunk_size={chunk_size}")
