@@ -61,7 +61,9 @@ def extend_context(model: nn.Module, training_length: int, *, rope: str | None =
         logn: scale queries by ``log(p + 1) / log(T)`` beyond ``T`` (Qwen-1's LogN).
         window_sizes: one attention window per layer (``None`` = full attention), e.g. from
             :func:`layer_window_sizes`.
-        dual_chunk: ``(chunk_size, local_size)`` to evaluate with Dual Chunk Attention (no KV cache).
+        dual_chunk: ``(chunk_size, local_size)`` to attend with Dual Chunk Attention (with or without a KV
+            cache), rotating with whatever frequencies the ``rope`` rule gives (YaRN + DCA is Qwen2's
+            recipe for 128K).
     """
     if training_length < 2:
         raise ValueError(f"training_length must be >= 2, got {training_length}")

@@ -223,8 +223,155 @@ def test_dual_chunk_attention_in_the_model():
     sdpa = copy.deepcopy(dca)
     sdpa.set_attn_implementation("sdpa")
     torch.testing.assert_close(sdpa(ids).logits, long, rtol=1e-5, atol=1e-5)
-    with pytest.raises(NotImplementedError, match="no KV cache"):
-        dca(ids, use_cache=True)
+
+
+# --- YaRN + DCA (Qwen2's 128K recipe) against a naive construction, and DCA with a KV cache -----------
+
+
+def naive_dca_distance(length: int, chunk_size: int, local_size: int) -> torch.Tensor:
+    """The query-key distance DCA uses for every causal pair, written out from the definition, pair by
+    pair: own chunk -> the true distance; previous chunk -> the query moved up by a chunk, capped at
+    chunk_size; any earlier chunk -> the query at min(2 c - 1, chunk_size); keys always at p mod c."""
+    c = chunk_size - local_size
+    distance = torch.zeros(length, length, dtype=torch.long)
+    for i in range(length):
+        for j in range(i + 1):
+            if i // c == j // c:
+                query = i % c
+            elif i // c == j // c + 1:
+                query = min(i % c + c, chunk_size)
+            else:
+                query = min(2 * c - 1, chunk_size)
+            distance[i, j] = query - j % c
+    return distance
+
+
+def naive_rope_attention(q, k, v, inv_freq, attention_factor, distance, scale):
+    """Attention whose score for (i, j) is RoPE at distance[i, j], via complex numbers: the half-split
+    rotation of x is z = x[:d/2] + i x[d/2:] times e^{i p theta}, so q_i . k_j = Re(sum z_q conj(z_k)
+    e^{i (p_q - p_k) theta}). cos and sin both carry YaRN's factor, hence its square on the score."""
+    half = q.shape[-1] // 2
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1)
+    zq = torch.complex(q[..., :half], q[..., half:]).to(torch.complex128)
+    zk = torch.complex(k[..., :half], k[..., half:]).to(torch.complex128)
+    phase = torch.exp(1j * distance[..., None].double() * inv_freq.double())  # [L, L, d/2]
+    scores = torch.einsum("bhid,bhjd,ijd->bhij", zq, zk.conj(), phase).real * attention_factor**2 * scale
+    causal = torch.ones(distance.shape, dtype=torch.bool).tril()
+    return scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v.double()
+
+
+@pytest.mark.parametrize("chunk_size,local_size", [(16, 4), (16, 12), (12, 0)])
+def test_yarn_dca_equals_a_naive_construction(chunk_size, local_size):
+    """DCA with YaRN's frequencies and attention factor, against the naive form with transformers' own YaRN
+    tables. The naive form runs in float64, so the gap is the fp32 rounding of our path: scores of
+    order 10 carry ~1e-6 absolute error, outputs (averages of values of order 1) the same."""
+    from transformers.models.qwen2 import modeling_qwen2 as hf
+
+    from tests._checkpoints import tiny_qwen2_config
+
+    config = tiny_qwen2_config(max_position_embeddings=64, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16})
+    hf_rope = hf.Qwen2RotaryEmbedding(config)
+    assert hf_rope.attention_scaling > 1.1  # 0.1 ln 4 + 1: the factor is really there
+    q, k, v = _attention_inputs(45, dim=16, seed=7)
+    out = dual_chunk_attention(q, k, v, hf_rope.inv_freq, chunk_size, local_size,
+                               attention_scaling=hf_rope.attention_scaling)
+    expected = naive_rope_attention(q, k, v, hf_rope.inv_freq, hf_rope.attention_scaling,
+                                    naive_dca_distance(45, chunk_size, local_size), 16**-0.5)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    # The naive distances never leave the trained range [0, chunk_size].
+    distance = naive_dca_distance(45, chunk_size, local_size)
+    assert int(distance.max()) <= chunk_size and int(distance.min()) >= 0
+
+
+def _naive_dca_logits(model, ids, inv_freq, attention_factor, chunk_size, local_size):
+    """The whole model, with every attention replaced by :func:`naive_rope_attention` on DCA distances."""
+    distance = naive_dca_distance(ids.shape[1], chunk_size, local_size)
+    x = model.model.embed_tokens(ids)
+    b, length, _ = x.shape
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).view(b, length, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(b, length, -1, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(b, length, -1, attn.head_dim).transpose(1, 2)
+        o = naive_rope_attention(q, k, v, inv_freq, attention_factor, distance, attn.scale).float()
+        x = x + attn.o_proj(o.transpose(1, 2).reshape(b, length, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return model.lm_head(model.model.norm(x))
+
+
+def test_yarn_plus_dca_in_the_model_equals_the_naive_model():
+    model = _tiny_model(layers=2)
+    ids = torch.randint(0, 97, (2, 40))
+    recipe = extend_context(model, training_length=16, rope="yarn", factor=4.0, dual_chunk=(16, 4))
+    rotary = recipe.model.rotary_emb
+    inv_freq, factor = compute_rope_parameters(8, 10000.0, {"rope_type": "yarn", "factor": 4.0,
+                                                            "original_max_position_embeddings": 16})
+    assert torch.equal(rotary.inv_freq, inv_freq) and rotary.attention_scaling == factor
+    with torch.no_grad():
+        expected = _naive_dca_logits(model, ids, inv_freq, factor, 16, 4)
+        got = recipe(ids).logits
+    # fp32 model vs a float64 attention inside it: ~1e-6 per layer, logits of order 1-10.
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # Inside one chunk (12 tokens) DCA is plain attention: the recipe equals YaRN alone.
+    yarn = extend_context(model, training_length=16, rope="yarn", factor=4.0)
+    torch.testing.assert_close(recipe(ids[:, :12]).logits, yarn(ids[:, :12]).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rope", [None, "yarn"])
+def test_dca_with_a_kv_cache_equals_the_full_recomputation(rope):
+    """Prefill, then feed the remaining tokens in uneven pieces and one by one across several chunk
+    boundaries; every step's logits must equal those of one pass over the whole sequence. The two paths
+    do the same arithmetic in differently shaped matmuls (and softmax rows that differ only by masked
+    -inf entries), so they agree to fp32 rounding: ~1e-6 on logits of order 1-10."""
+    model = _tiny_model(layers=2)
+    ids = torch.randint(0, 97, (2, 50))
+    dca = extend_context(model, training_length=16, rope=rope, factor=4.0, dual_chunk=(16, 4))
+    with torch.no_grad():
+        full = dca(ids).logits
+        out = dca(ids[:, :7], use_cache=True)
+        pieces, cache, at = [out.logits], out.past_key_values, 7
+        for step in (5, 1, 13, 1, 1, 9):
+            out = dca(ids[:, at : at + step], past_key_values=cache)
+            pieces.append(out.logits)
+            at += step
+        while at < ids.shape[1]:
+            pieces.append(dca(ids[:, at : at + 1], past_key_values=cache).logits)
+            at += 1
+    assert cache.get_seq_length() == 50
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_generation_with_dca_decodes_what_a_full_pass_predicts():
+    import qwen_edu
+
+    model = _tiny_model(layers=2)
+    prompt = torch.randint(0, 97, (1, 30))
+    dca = extend_context(model, training_length=16, rope="yarn", factor=4.0, dual_chunk=(16, 4))
+    out = qwen_edu.generate(dca, prompt, max_new_tokens=20, eos_token_id=[])
+    assert out.shape == (1, 50)
+    with torch.no_grad():
+        logits = dca(out).logits[0, 29:-1]
+    top2 = logits.topk(2, dim=-1).values
+    assert bool((top2[:, 0] - top2[:, 1] > 1e-3).all()), "no near-ties, so argmax is stable under rounding"
+    assert out[0, 30:].tolist() == logits.argmax(-1).tolist()
+
+
+def test_dca_rejects_padding_and_custom_positions():
+    model = _tiny_model(layers=1)
+    dca = extend_context(model, training_length=16, dual_chunk=(16, 4))
+    ids = torch.randint(0, 97, (2, 20))
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[0, :3] = 0
+    with pytest.raises(NotImplementedError, match="padding"):
+        dca(ids, attention_mask=mask)
+    with pytest.raises(NotImplementedError, match="past \\+ arange"):
+        dca(ids, position_ids=torch.arange(20)[None].expand(2, 20) + 5)
+    with pytest.raises(ValueError, match="q length <= k length"):
+        dual_chunk_attention(torch.zeros(1, 4, 12, 16), torch.zeros(1, 2, 10, 16), torch.zeros(1, 2, 10, 16),
+                             torch.ones(8), 16, 4)
 
 
 @pytest.mark.parametrize("rope", ["dynamic", "qwen1_ntk"])

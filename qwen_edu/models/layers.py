@@ -15,7 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen_edu.models.config import QwenConfig
-from qwen_edu.models.long_context_attention import DualChunk, dual_chunk_attention, logn_scale, window_mask
+from qwen_edu.models.long_context_attention import (
+    DualChunk,
+    dual_chunk_attention,
+    logn_scale,
+    rotate_dca_keys,
+    window_mask,
+)
 from qwen_edu.models.rope import apply_rotary_pos_emb
 
 __all__ = [
@@ -157,7 +163,7 @@ class Attention(nn.Module):
     ``logn_seq_length`` switches on Qwen-1's logN query scaling (reference §5.5). Two more
     context-extension switches are plain attributes, set per layer by
     :func:`qwen_edu.context_extension.extend_context`: ``sliding_window`` (attend to the last N keys only)
-    and ``dual_chunk`` (Dual Chunk Attention, for whole-sequence evaluation without a cache).
+    and ``dual_chunk`` (Dual Chunk Attention, with or without a KV cache).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None,
@@ -191,7 +197,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, length, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, length, -1, self.head_dim).transpose(1, 2)
         if self.dual_chunk is not None:
-            return self._dual_chunk_forward(q, k, v, attention_mask, cache)
+            return self._dual_chunk_forward(q, k, v, attention_mask, cache, position_ids)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)  # before caching: the cache holds rotated keys
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
@@ -219,21 +225,35 @@ class Attention(nn.Module):
         return logn_scale(position_ids, self.logn_seq_length)[:, None, :, None]
 
     def _dual_chunk_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            attention_mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
-        if cache is not None:
-            raise NotImplementedError(
-                "Dual Chunk Attention is implemented for whole-sequence evaluation (no KV cache); "
-                "generate with plain attention, or evaluate with use_cache=False"
-            )
-        if attention_mask is not None:  # the plain causal mask of the eager path is fine; padding is not
-            causal = causal_mask(q.shape[2], k.shape[2], attention_mask.dtype, attention_mask.device)
-            if not torch.equal(attention_mask, causal.expand_as(attention_mask)):
-                raise NotImplementedError("Dual Chunk Attention here does not support padding masks")
+                            attention_mask: torch.Tensor | None, cache: KVCache | None,
+                            position_ids: torch.Tensor | None) -> torch.Tensor:
+        """Dual Chunk Attention, for a whole sequence or step by step on top of a KV cache.
+
+        Keys are rotated to their DCA position ``p mod chunk_len`` (which depends on ``p`` alone) and
+        cached in that form; queries are rotated at attention time (see :func:`dual_chunk_attention`).
+        Positions must be the plain ``past + arange(L)``: DCA here supports neither padding nor
+        custom position ids.
+        """
         assert self.dual_chunk is not None
         settings = self.dual_chunk
-        out = dual_chunk_attention(q, k, v, settings.inv_freq, settings.chunk_size, settings.local_size,
-                                   scale=self.scale, attention_scaling=settings.attention_scaling)
         b, _, length, _ = q.shape
+        past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        if position_ids is not None:
+            expected = torch.arange(past, past + length, device=position_ids.device)
+            if not bool((position_ids == expected).all()):
+                raise NotImplementedError("Dual Chunk Attention here needs positions past + arange(L) in every row "
+                                          "(no left padding, no custom position_ids)")
+        k = rotate_dca_keys(k, past, settings.inv_freq, settings.chunk_size, settings.local_size,
+                            settings.attention_scaling)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        if attention_mask is not None:  # the plain causal mask of the eager path is fine; padding is not
+            causal = causal_mask(length, k.shape[2], attention_mask.dtype, attention_mask.device)
+            if not torch.equal(attention_mask, causal.expand_as(attention_mask)):
+                raise NotImplementedError("Dual Chunk Attention here does not support padding masks")
+        out = dual_chunk_attention(q, k, v, settings.inv_freq, settings.chunk_size, settings.local_size,
+                                   scale=self.scale, attention_scaling=settings.attention_scaling,
+                                   keys_rotated=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "DualChunk",
     "DualChunkTables",
     "dca_position_tables",
+    "rotate_dca_keys",
     "dual_chunk_attention",
 ]
 
@@ -177,7 +178,11 @@ def dca_position_tables(seq_len: int, chunk_size: int, local_size: int,
 
 
 def _rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float) -> torch.Tensor:
-    """RoPE (half-split) of ``x [B, H, L, d]`` at integer ``positions [L]``, computed in fp32."""
+    """RoPE (half-split) of ``x [B, H, L, d]`` at integer ``positions [L]``, computed in fp32.
+
+    ``scaling`` multiplies cos and sin, as :class:`~qwen_edu.models.rope.RotaryEmbedding` does for
+    YaRN: applied to queries and keys, it scales every logit by ``scaling ** 2``.
+    """
     angles = positions.to(torch.float32)[:, None] * inv_freq.to(x.device)[None, :]
     emb = torch.cat((angles, angles), dim=-1)
     cos, sin = emb.cos() * scaling, emb.sin() * scaling
@@ -185,35 +190,73 @@ def _rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, sc
     return (x32 * cos + rotate_half(x32) * sin).to(x.dtype)
 
 
+def rotate_dca_keys(k: torch.Tensor, start: int, inv_freq: torch.Tensor, chunk_size: int, local_size: int,
+                    attention_scaling: float = 1.0) -> torch.Tensor:
+    """Keys ``[B, H_kv, L, d]`` at absolute positions ``start .. start + L - 1``, rotated to DCA's key
+    positions ``p mod chunk_len``.
+
+    A key's DCA position depends on its own position only, never on the query, so rotated keys can be
+    cached exactly like ordinary rotated keys: this is what a DCA layer stores in its KV cache.
+    """
+    dca_position_tables(1, chunk_size, local_size)  # validates the sizes
+    positions = torch.arange(start, start + k.shape[-2], device=k.device) % (chunk_size - local_size)
+    return _rotate(k, positions, inv_freq, attention_scaling)
+
+
 def dual_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_freq: torch.Tensor,
                          chunk_size: int, local_size: int, scale: float | None = None,
-                         attention_scaling: float = 1.0) -> torch.Tensor:
-    """Causal attention over a whole sequence with DCA's positions; ``q, k, v`` are *not* yet rotated.
+                         attention_scaling: float = 1.0, *, keys_rotated: bool = False) -> torch.Tensor:
+    """Causal attention with DCA's positions; ``q`` is *not* yet rotated.
 
-    ``q [B, H, L, d]``, ``k, v [B, H_kv, L, d]``. Each query gets three rotated copies (intra,
-    successive, inter) and each key one; every (query, key) pair takes its score from the copy that
-    matches the pair's chunk relation, and a single softmax runs over all keys. This is the exact
-    (quadratic-memory) reference form, meant for evaluation; the fused kernels in inference engines
-    compute the same thing block by block.
+    ``k, v [B, H_kv, S, d]`` hold all ``S`` positions so far; ``q [B, H, L, d]`` holds the *last* ``L`` of
+    them (``L = S`` for a whole sequence, ``L = 1`` for a decoding step on top of a cache).
+    ``keys_rotated=True`` says ``k`` already went through :func:`rotate_dca_keys` (the cached form).
+
+    The queries are processed one chunk at a time. A query in chunk ``c`` is rotated three times:
+    at its ``intra`` position for the keys of chunk ``c`` (causal), at its ``successive`` position for
+    chunk ``c - 1``, and at the ``inter`` position for chunks ``0 .. c - 2``
+    (see :class:`DualChunkTables`). The three blocks of scores are concatenated and go through *one*
+    softmax, so this is exact attention with remapped positions; the work is that of one causal
+    attention over ``S`` keys plus two extra rotations of the queries.
     """
     batch, heads, length, dim = q.shape
-    if k.shape[-2] != length:
-        raise ValueError("dual_chunk_attention evaluates a whole sequence: q and k must have the same length")
-    tables = dca_position_tables(length, chunk_size, local_size, device=q.device)
+    total = k.shape[-2]
+    if v.shape[-2] != total or length > total:
+        raise ValueError(f"need q length <= k length == v length, got q {length}, k {total}, v {v.shape[-2]}")
+    if heads % k.shape[1]:
+        raise ValueError(f"{heads} query heads cannot share {k.shape[1]} key/value heads")
+    dca_position_tables(1, chunk_size, local_size)  # validates the sizes
+    chunk_len = chunk_size - local_size
     scale = dim**-0.5 if scale is None else scale
+    if not keys_rotated:
+        k = rotate_dca_keys(k, 0, inv_freq, chunk_size, local_size, attention_scaling)
     n_rep = heads // k.shape[1]
-    k_rot = _rotate(k, tables.key, inv_freq, attention_scaling).repeat_interleave(n_rep, dim=1)
+    k = k.repeat_interleave(n_rep, dim=1).float()
     v = v.repeat_interleave(n_rep, dim=1)
+    start = total - length  # absolute position of q's first row
 
-    chunk_of = torch.arange(length, device=q.device) // tables.chunk_len
-    gap = chunk_of[:, None] - chunk_of[None, :]  # [L, L]: 0 same chunk, 1 previous, >1 earlier
-    scores = torch.empty(batch, heads, length, length, dtype=torch.float32, device=q.device)
-    for positions, region in ((tables.intra, gap == 0), (tables.successive, gap == 1), (tables.inter, gap > 1)):
-        if bool(region.any()):
-            q_rot = _rotate(q, positions, inv_freq, attention_scaling)
-            part = torch.matmul(q_rot.float(), k_rot.float().transpose(-1, -2)) * scale
-            scores = torch.where(region, part, scores)
-    causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
-    scores = scores.masked_fill(~causal, float("-inf"))
-    probs = scores.softmax(dim=-1).to(v.dtype)
-    return torch.matmul(probs, v)
+    outputs = []
+    row = start
+    while row < total:
+        chunk = row // chunk_len
+        first = chunk * chunk_len
+        end = min(total, first + chunk_len)  # this block: query positions row .. end - 1
+        positions = torch.arange(row, end, device=q.device)
+        within = positions % chunk_len
+        q_block = q[:, :, row - start : end - start]
+        parts = []
+        if chunk >= 2:  # inter: one fixed position for every query
+            inter = torch.full_like(within, min(2 * chunk_len - 1, chunk_size))
+            parts.append(_rotate(q_block, inter, inv_freq, attention_scaling).float()
+                         @ k[:, :, : first - chunk_len].transpose(-1, -2))
+        if chunk >= 1:  # successive: shifted up by chunk_len, clamped at chunk_size
+            successive = (within + chunk_len).clamp(max=chunk_size)
+            parts.append(_rotate(q_block, successive, inv_freq, attention_scaling).float()
+                         @ k[:, :, first - chunk_len : first].transpose(-1, -2))
+        intra = _rotate(q_block, within, inv_freq, attention_scaling).float() @ k[:, :, first:end].transpose(-1, -2)
+        causal = positions[:, None] >= torch.arange(first, end, device=q.device)[None, :]
+        parts.append(intra.masked_fill(~causal, float("-inf")))
+        probs = (torch.cat(parts, dim=-1) * scale).softmax(dim=-1).to(v.dtype)
+        outputs.append(probs @ v[:, :, :end])
+        row = end
+    return torch.cat(outputs, dim=2)
