@@ -26,6 +26,7 @@ from qwen_edu.models.rope import apply_rotary_pos_emb
 
 __all__ = [
     "RMSNorm",
+    "ZeroCenteredRMSNorm",
     "MLP",
     "KVCache",
     "Attention",
@@ -57,6 +58,25 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class ZeroCenteredRMSNorm(RMSNorm):
+    """Qwen3-Next's norm: ``x / rms(x) * (1 + weight)``, with the weight stored as an offset from 1.
+
+    The weight starts at zero (so the norm starts as the identity scale) and weight decay pulls it
+    towards a gain of 1 rather than 0. Unlike :class:`RMSNorm`, the multiply by ``1 + weight`` runs in
+    fp32 *before* the cast back to the input dtype (HF ``Qwen3NextRMSNorm``); in bf16 the two orders
+    give different bits.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__(dim, eps)
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * (1.0 + self.weight.to(torch.float32))).to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -160,7 +180,12 @@ class Attention(nn.Module):
 
     ``attn_implementation="eager"`` spells attention out (see :func:`eager_attention`);
     ``"sdpa"`` calls ``F.scaled_dot_product_attention``, which is faster and equal up to rounding.
-    ``logn_seq_length`` switches on Qwen-1's logN query scaling (reference §5.5). Two more
+    ``logn_seq_length`` switches on Qwen-1's logN query scaling (reference §5.5).
+    ``qk_norm`` (a norm class such as :class:`RMSNorm` or :class:`ZeroCenteredRMSNorm`) adds
+    ``q_norm``/``k_norm`` over each head's features before RoPE (Qwen3, Qwen3-Next): bounded q and k
+    keep the attention logits from growing. ``output_gate=True`` (Qwen3-Next) doubles ``q_proj``: per
+    head, ``hd`` query rows then ``hd`` gate rows, and the attention output is multiplied by
+    ``sigmoid(gate)`` before ``o_proj``, so a head can switch itself off for a token. Two more
     context-extension switches are plain attributes, set per layer by
     :func:`qwen_edu.context_extension.extend_context`: ``sliding_window`` (attend to the last N keys only)
     and ``dual_chunk`` (Dual Chunk Attention, with or without a KV cache).
@@ -169,7 +194,8 @@ class Attention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None,
                  head_dim: int | None = None, qkv_bias: bool = True, o_bias: bool = False,
                  layer_idx: int = 0, attn_implementation: str = "sdpa",
-                 logn_seq_length: int | None = None) -> None:
+                 logn_seq_length: int | None = None, qk_norm: type[RMSNorm] | None = None,
+                 norm_eps: float = 1e-6, output_gate: bool = False) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads or num_heads
@@ -180,10 +206,15 @@ class Attention(nn.Module):
         self.logn_seq_length = logn_seq_length
         self.sliding_window: int | None = None
         self.dual_chunk: DualChunk | None = None
-        self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=qkv_bias)
+        self.output_gate = output_gate
+        q_rows = num_heads * self.head_dim * (2 if output_gate else 1)
+        self.q_proj = nn.Linear(hidden_size, q_rows, bias=qkv_bias)
         self.k_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=o_bias)
+        if qk_norm is not None:
+            self.q_norm = qk_norm(self.head_dim, norm_eps)
+            self.k_norm = qk_norm(self.head_dim, norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
@@ -193,11 +224,18 @@ class Attention(nn.Module):
         ``attention_mask`` is an additive ``[B|1, 1, L, S]`` mask, or ``None`` for "plain causal".
         """
         b, length, _ = x.shape
-        q = self.q_proj(x).view(b, length, -1, self.head_dim).transpose(1, 2)
+        gate = None
+        if self.output_gate:  # per head: [query (hd) | gate (hd)]
+            q, gate = self.q_proj(x).view(b, length, -1, 2 * self.head_dim).chunk(2, dim=-1)
+            q, gate = q.transpose(1, 2), gate.reshape(b, length, -1)
+        else:
+            q = self.q_proj(x).view(b, length, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, length, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, length, -1, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.dual_chunk is not None:
-            return self._dual_chunk_forward(q, k, v, attention_mask, cache, position_ids)
+            return self._dual_chunk_forward(q, k, v, attention_mask, cache, position_ids, gate)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)  # before caching: the cache holds rotated keys
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
@@ -217,7 +255,15 @@ class Attention(nn.Module):
                 q, k, v, attn_mask=attention_mask, is_causal=attention_mask is None and length > 1,
                 scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads,
             )
-        return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
+        return self._output(out, gate)
+
+    def _output(self, out: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """Heads ``[B, H, L, d]`` -> ``o_proj(concat(heads) * sigmoid(gate))`` (no gate: plain ``o_proj``)."""
+        b, _, length, _ = out.shape
+        out = out.transpose(1, 2).reshape(b, length, -1)
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
+        return self.o_proj(out)
 
     def _logn(self, position_ids: torch.Tensor) -> torch.Tensor:
         """Qwen-1 logN factor per query, ``[B, 1, L, 1]`` (see :func:`logn_scale`)."""
@@ -226,7 +272,7 @@ class Attention(nn.Module):
 
     def _dual_chunk_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             attention_mask: torch.Tensor | None, cache: KVCache | None,
-                            position_ids: torch.Tensor | None) -> torch.Tensor:
+                            position_ids: torch.Tensor | None, gate: torch.Tensor | None = None) -> torch.Tensor:
         """Dual Chunk Attention, for a whole sequence or step by step on top of a KV cache.
 
         Keys are rotated to their DCA position ``p mod chunk_len`` (which depends on ``p`` alone) and
@@ -254,7 +300,7 @@ class Attention(nn.Module):
         out = dual_chunk_attention(q, k, v, settings.inv_freq, settings.chunk_size, settings.local_size,
                                    scale=self.scale, attention_scaling=settings.attention_scaling,
                                    keys_rotated=True)
-        return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
+        return self._output(out, gate)
 
 
 class DecoderLayer(nn.Module):

@@ -168,28 +168,32 @@ class RotaryEmbedding(nn.Module):
 
     ``rotate_in_fp32=False`` returns cos/sin in the activation dtype, so the rotation runs in bf16 as in
     HF Qwen2; ``True`` keeps them fp32, which makes :func:`apply_rotary_pos_emb` rotate in fp32 as the
-    original Qwen-1 code does.
+    original Qwen-1 code does. ``partial_rotary_factor < 1`` (Qwen3-Next: 0.25) rotates only the first
+    ``rotary_dim = int(head_dim * factor)`` features of each head: the frequencies are those of a
+    ``rotary_dim``-wide head and the tables are ``rotary_dim`` wide; the other features carry no position.
     """
 
     inv_freq: torch.Tensor
 
     def __init__(self, head_dim: int, rope_theta: float = 10000.0, rope_scaling: dict[str, Any] | None = None,
-                 max_position_embeddings: int = 32768, rotate_in_fp32: bool = False) -> None:
+                 max_position_embeddings: int = 32768, rotate_in_fp32: bool = False,
+                 partial_rotary_factor: float = 1.0) -> None:
         super().__init__()
         self.head_dim = head_dim
+        self.rotary_dim = int(head_dim * partial_rotary_factor)
         self.rope_theta = rope_theta
         self.rope_scaling = dict(rope_scaling) if rope_scaling else None
         self.rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         self.max_position_embeddings = max_position_embeddings
         self.rotate_in_fp32 = rotate_in_fp32
-        self.register_buffer("inv_freq", torch.empty(head_dim // 2, device="cpu"), persistent=False)
+        self.register_buffer("inv_freq", torch.empty(self.rotary_dim // 2, device="cpu"), persistent=False)
         self.reset_frequencies()
 
     def reset_frequencies(self, device: torch.device | None = None) -> None:
         """Recompute the fp32 frequencies (at init, and after any ``.to()``: a bf16 copy would be wrong)."""
         with torch.device("cpu"):  # real numbers even while the model is being built on "meta"
             inv_freq, self.attention_scaling = compute_rope_parameters(
-                self.head_dim, self.rope_theta, self.rope_scaling, self.max_position_embeddings
+                self.rotary_dim, self.rope_theta, self.rope_scaling, self.max_position_embeddings
             )
         device = device if device is not None else self.inv_freq.device
         self.inv_freq = inv_freq.to(device)
@@ -211,7 +215,7 @@ class RotaryEmbedding(nn.Module):
             if seq_len > cached:
                 with torch.device("cpu"):
                     inv_freq, self.attention_scaling = compute_rope_parameters(
-                        self.head_dim, self.rope_theta, self.rope_scaling, self.max_position_embeddings, seq_len
+                        self.rotary_dim, self.rope_theta, self.rope_scaling, self.max_position_embeddings, seq_len
                     )
                 self.inv_freq = inv_freq.to(self.inv_freq.device)
                 self.max_seq_len_cached = seq_len
@@ -223,7 +227,7 @@ class RotaryEmbedding(nn.Module):
             length = position_ids.shape[-1]
             if length != self.ntk_length:
                 with torch.device("cpu"):
-                    inv_freq, _ = compute_rope_parameters(self.head_dim, self.rope_theta, self.rope_scaling,
+                    inv_freq, _ = compute_rope_parameters(self.rotary_dim, self.rope_theta, self.rope_scaling,
                                                           self.max_position_embeddings, length)
                 self.inv_freq = inv_freq.to(self.inv_freq.device)
                 self.ntk_length = length
@@ -231,7 +235,7 @@ class RotaryEmbedding(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, past_length: int = 0,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``position_ids [B, L]`` -> ``cos, sin [B, L, head_dim]`` (dtype of ``x`` unless fp32 rotation)."""
+        """``position_ids [B, L]`` -> ``cos, sin [B, L, rotary_dim]`` (dtype of ``x`` unless fp32 rotation)."""
         if self.rope_type in ("dynamic", "qwen1_ntk"):
             self._update_frequencies(position_ids, past_length)
         if self.inv_freq.device != x.device:
@@ -243,7 +247,8 @@ class RotaryEmbedding(nn.Module):
         return cos.to(out_dtype), sin.to(out_dtype)
 
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, theta={self.rope_theta}, type={self.rope_type}"
+        partial = f", rotary_dim={self.rotary_dim}" if self.rotary_dim != self.head_dim else ""
+        return f"head_dim={self.head_dim}{partial}, theta={self.rope_theta}, type={self.rope_type}"
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -257,8 +262,14 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
     """Rotate ``q, k [B, heads, L, d]`` by the angles in ``cos, sin [B, L, d]``.
 
     The arithmetic runs in the wider of the two dtypes and the result is cast back to q's dtype: bf16
-    tables give HF Qwen2's bf16 rotation, fp32 tables give Qwen-1's fp32 rotation.
+    tables give HF Qwen2's bf16 rotation, fp32 tables give Qwen-1's fp32 rotation. Tables narrower
+    than the head (partial rotary, ``r < d``) rotate features ``0..r-1`` (feature i paired with i + r/2)
+    and pass the rest through unchanged.
     """
+    rotary_dim = cos.shape[-1]
+    if rotary_dim < q.shape[-1]:
+        q_rot, k_rot = apply_rotary_pos_emb(q[..., :rotary_dim], k[..., :rotary_dim], cos, sin, unsqueeze_dim)
+        return (torch.cat([q_rot, q[..., rotary_dim:]], dim=-1), torch.cat([k_rot, k[..., rotary_dim:]], dim=-1))
     cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
     dtype = torch.promote_types(q.dtype, cos.dtype)
     q_, k_ = q.to(dtype), k.to(dtype)
