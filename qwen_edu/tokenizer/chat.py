@@ -11,9 +11,14 @@ they cannot close their turn and forge an assistant or system message (prompt in
 
 The rendering follows the Qwen2-Instruct template: if the first message is not a system
 message, ``<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n`` is prepended, and the
-generation prompt is ``<|im_start|>assistant\\n``. (Qwen2.5 and Qwen3 templates differ in the
-default system text, tools and ``<think>`` blocks; render those with the checkpoint's own
-template.)
+generation prompt is ``<|im_start|>assistant\\n``. The Qwen2.5-Instruct template renders the same
+conversation the same way except for the default system text, :data:`QWEN25_SYSTEM_PROMPT`
+(``system_prompt=system_prompt_for("qwen2.5")``); its ``tools`` block is not reproduced here. Qwen3
+templates add ``<think>`` blocks; render those with the checkpoint's own template.
+
+Control tokens: Qwen1.5, Qwen2 and Qwen2.5 share 151,643 regular tokens and the three control
+tokens right after them (:data:`CONTROL_TOKEN_IDS`): ``<|endoftext|>`` ends a document (and pads),
+``<|im_start|>`` opens a turn, ``<|im_end|>`` closes one (an instruct model's end of reply).
 
 Loss mask convention (for supervised fine-tuning): 1 on the tokens of each assistant message's
 content and on the ``<|im_end|>`` that closes it, 0 everywhere else -- system and user turns, every
@@ -31,9 +36,14 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 __all__ = [
+    "ENDOFTEXT",
     "IM_START",
     "IM_END",
+    "CONTROL_TOKEN_IDS",
     "DEFAULT_SYSTEM_PROMPT",
+    "QWEN25_SYSTEM_PROMPT",
+    "SYSTEM_PROMPTS",
+    "system_prompt_for",
     "CHAT_ROLES",
     "ChatEncoding",
     "validate_messages",
@@ -41,9 +51,15 @@ __all__ = [
     "encode_chatml",
 ]
 
+ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
+# The ids in the real Qwen vocabulary: right after the 151,643 regular tokens (ids 0..151642).
+CONTROL_TOKEN_IDS = {ENDOFTEXT: 151643, IM_START: 151644, IM_END: 151645}
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+QWEN25_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+# The system text each instruct template adds when a conversation does not start with one.
+SYSTEM_PROMPTS = {"qwen1.5": DEFAULT_SYSTEM_PROMPT, "qwen2": DEFAULT_SYSTEM_PROMPT, "qwen2.5": QWEN25_SYSTEM_PROMPT}
 CHAT_ROLES = ("system", "user", "assistant")
 
 AllowedSpecial = Literal["all"] | Collection[str]
@@ -73,6 +89,14 @@ class ChatEncoding:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+def system_prompt_for(generation: str) -> str:
+    """The default system prompt of a generation's instruct template (``"qwen2"``, ``"qwen2.5"``, ...)."""
+    try:
+        return SYSTEM_PROMPTS[generation]
+    except KeyError:
+        raise ValueError(f"no chat template known for {generation!r}; known: {sorted(SYSTEM_PROMPTS)}") from None
 
 
 def validate_messages(messages: Iterable[Mapping[str, str]]) -> list[tuple[str, str]]:
