@@ -83,16 +83,44 @@ def test_invalid_configs_are_rejected():
         QwenConfig(attn_implementation="flash")
 
 
-@pytest.mark.parametrize("name", [n for n, p in PRESETS.items() if p.status != "tiny"])
+DENSE = [n for n, p in PRESETS.items() if p.status != "tiny" and p.values.get("model_type") in ("qwen", "qwen2")]
+
+
+@pytest.mark.parametrize("name", DENSE)
 def test_published_parameter_counts(name):
+    """Exact where a published exact total exists (safetensors index); else the printed rounding."""
     p = PRESETS[name]
+    assert p.source, f"{name} states no provenance"
     with torch.device("meta"):
         model = Qwen2ForCausalLM(preset(name))
     count = model.num_parameters()
     if p.exact_params is not None:
+        assert p.status == "checked"
         assert count == p.exact_params
-    if p.published_params is not None:
-        assert abs(count / 1e9 - p.published_params) / p.published_params < 0.01, count
+        if p.published_params is not None:  # cards truncate (7.61B) or misprint (32.5B): within 1 %
+            assert abs(count / 1e9 - p.published_params) / p.published_params < 0.01, count
+    elif p.published_params is not None:
+        decimals = len(repr(p.published_params).split(".")[1])
+        assert round(count / 1e9, decimals) == p.published_params, count
+    else:
+        assert p.status == "unverified"
+
+
+def test_every_qwen15_qwen2_qwen25_size_is_there():
+    from qwen_edu.models.presets import dense_presets
+
+    assert [n.split("-")[1] for n in dense_presets("Qwen1.5")] == ["0.5B", "1.8B", "4B", "7B", "14B", "32B", "72B",
+                                                                  "110B"]
+    assert [n.split("-")[1] for n in dense_presets("Qwen2")] == ["0.5B", "1.5B", "7B", "72B"]
+    assert [n.split("-")[1] for n in dense_presets("Qwen2.5")] == ["0.5B", "1.5B", "3B", "7B", "14B", "32B", "72B"]
+    # Qwen1.5 is MHA except 32B and 110B; every Qwen2 and Qwen2.5 size uses GQA; small ones tie embeddings.
+    gqa15 = [n for n in dense_presets("Qwen1.5") if preset(n).num_kv_groups > 1]
+    assert gqa15 == ["Qwen1.5-32B", "Qwen1.5-110B"]
+    assert all(preset(n).num_kv_groups > 1 for n in dense_presets("Qwen2") + dense_presets("Qwen2.5"))
+    assert [n for n in dense_presets("Qwen2") if preset(n).tie_word_embeddings] == ["Qwen2-0.5B", "Qwen2-1.5B"]
+    assert all(preset(n).rope_theta == 1e6 for n in dense_presets("Qwen2"))
+    with pytest.raises(KeyError, match="no dense presets for 'Qwen9'"):
+        dense_presets("Qwen9")
 
 
 def test_reference_counts():

@@ -6,11 +6,19 @@ The published shapes let a reader count parameters on the ``meta`` device (no me
         model = Qwen2ForCausalLM(preset("Qwen2-0.5B"))
     model.num_parameters()  # 494_032_768
 
-Provenance of each shape (see the reference's §3.2, §5.1 and §14): ``checked`` means its parameter
-count was verified against a published figure (safetensors total or the reference's arithmetic);
-``unverified`` means the values come from memory of the hub configs and agree with the published
-"NB" figure but were not read from a config file here. ``published_params`` is the model card's
-rounded figure in billions, used by the tests with a 1% tolerance.
+Every published preset records where its numbers come from (``Preset.source``) and how far they
+were checked (``Preset.status``):
+
+- ``exact_params`` is a *published exact* total: the ``total_size`` of the checkpoint's
+  ``model.safetensors.index.json`` divided by 2 (bf16 weights, 2 bytes each; a tied head is stored
+  once), or the reference notes' exact arithmetic. The tests require the count to equal it.
+- ``published_params`` is the rounded figure a model card or report prints, in billions. Without an
+  exact figure the tests require the count to round to it; with one, only to lie within 1 % (the
+  Qwen2.5 cards truncate -- 7.61B for 7,615,616,512 -- and the 32B card prints 32.5B for a checkpoint
+  of 32,763,876,352 parameters).
+- ``status``: ``"checked"`` (an exact figure matches), ``"rounded"`` (a published rounded figure
+  matches, no exact one was found), ``"unverified"`` (shapes from copies of hub configs and the
+  reports' tables; no published count was found to test against), ``"tiny"`` (the book's own).
 """
 
 from __future__ import annotations
@@ -20,16 +28,17 @@ from typing import Any
 
 from qwen_edu.models.config import QwenConfig
 
-__all__ = ["Preset", "PRESETS", "preset", "list_presets"]
+__all__ = ["Preset", "PRESETS", "preset", "list_presets", "dense_presets"]
 
 
 @dataclass(frozen=True)
 class Preset:
     name: str
     values: dict[str, Any]
-    published_params: float | None = None  # billions, as published (model card / report)
-    exact_params: int | None = None  # exact count where one is known
-    status: str = "unverified"  # "checked" | "unverified" | "tiny"
+    published_params: float | None = None  # billions, as printed on the model card / in the report
+    exact_params: int | None = None  # a published exact total (safetensors index), see the module docstring
+    status: str = "unverified"  # "checked" | "rounded" | "unverified" | "tiny"
+    source: str = ""  # where the shape and the figures come from
 
 
 _V = 151936  # vocabulary rows of the small models
@@ -40,10 +49,19 @@ _QWEN1 = dict(model_type="qwen", rope_theta=10000.0, rms_norm_eps=1e-6, seq_leng
 _QWEN15 = dict(model_type="qwen2", rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=32768)
 _QWEN2 = dict(model_type="qwen2", rope_theta=1e6, rms_norm_eps=1e-6)
 
+# Sources, referred to by the presets below.
+_REF = "reference notes (qwen_architectures.md §3.2, §5.1; config copies checked by parameter arithmetic)"
+_Q15_CFG = "Qwen1.5 hub config.json shapes (third-party copies; the Qwen1.5 blog gives sizes, not counts)"
+_Q15_7B_INDEX = ("Qwen1.5-7B model.safetensors.index.json total_size 15,442,649,088 B (the hub file, copied "
+                 "into transformers' examples/pytorch/torchacc/qwen/Qwen1.5-7B)")
+_Q2_TABLE = "Qwen2 report, Table 1 (hidden size, layers, q/kv heads, intermediate size, tying); no counts printed"
+_Q25_CARD = "Qwen2.5 model card ('Number of Parameters')"
+_Q25_INDEX = "Qwen2.5 model.safetensors.index.json total_size, as quoted by third-party copies of the hub file"
+
 
 def _p(name: str, base: dict[str, Any], published: float | None, status: str = "unverified",
-       exact: int | None = None, **values: Any) -> Preset:
-    return Preset(name, {**base, **values}, published, exact, status)
+       exact: int | None = None, source: str = "", **values: Any) -> Preset:
+    return Preset(name, {**base, **values}, published, exact, status, source)
 
 
 def _shape(h: int, i: int, n: int, heads: int, kv: int | None = None, vocab: int = _V, tied: bool = False,
@@ -62,42 +80,55 @@ _ALL = [
     Preset("small", dict(model_type="qwen2", rope_theta=1e6, max_position_embeddings=4096,
                          **_shape(256, 704, 4, 8, 2, vocab=4096, tied=True)), status="tiny"),
     # --- Qwen-1 (model_type "qwen"; intermediate_size here is the per-branch width) ------------------
-    # Qwen-1.8B: reference §5.1 (checked: untied total 1.837B); rope/NTK/logN flags unverified.
-    _p("Qwen-1.8B", _QWEN1, 1.837, "checked", **_shape(2048, 5504, 24, 16)),
-    # Qwen-7B: config read in the reference (§5.1); 7.72B on the model card.
-    _p("Qwen-7B", _QWEN1, 7.72, "checked", **_shape(4096, 11008, 32, 32)),
-    _p("Qwen-14B", _QWEN1, 14.2, **_shape(5120, 13696, 40, 40, vocab=_V_BIG)),
-    _p("Qwen-72B", _QWEN1, 72.3, **_shape(8192, 24576, 80, 64, vocab=_V_BIG)),
-    # --- Qwen1.5 (model_type "qwen2", MHA except 32B/110B) ------------------------------------------
-    # 0.5B: tie_word_embeddings unverified (0.46B tied; 0.62B would count a stored lm_head as well).
-    _p("Qwen1.5-0.5B", _QWEN15, None, **_shape(1024, 2816, 24, 16, tied=True)),
-    _p("Qwen1.5-1.8B", _QWEN15, 1.84, **_shape(2048, 5504, 24, 16)),
-    _p("Qwen1.5-4B", _QWEN15, 3.95, rope_theta=5e6, **_shape(2560, 6912, 40, 20)),
-    _p("Qwen1.5-7B", _QWEN15, 7.72, **_shape(4096, 11008, 32, 32)),
-    _p("Qwen1.5-14B", _QWEN15, 14.2, **_shape(5120, 13696, 40, 40, vocab=_V_BIG)),
-    _p("Qwen1.5-32B", _QWEN15, 32.5, **_shape(5120, 27392, 64, 40, 8, vocab=_V_BIG)),
-    _p("Qwen1.5-72B", _QWEN15, 72.3, **_shape(8192, 24576, 80, 64, vocab=_V_BIG)),
-    _p("Qwen1.5-110B", _QWEN15, 111.0, **_shape(8192, 49152, 80, 64, 8, vocab=_V_BIG)),
-    # --- Qwen2 ---------------------------------------------------------------------------------------
-    _p("Qwen2-0.5B", _QWEN2, 0.49, "checked", exact=494_032_768, max_position_embeddings=131072,
-       **_shape(896, 4864, 24, 14, 2, tied=True)),
-    _p("Qwen2-1.5B", _QWEN2, 1.54, exact=1_543_714_304, max_position_embeddings=131072,
+    _p("Qwen-1.8B", _QWEN1, 1.837, "rounded", source=f"{_REF}: untied total 1.837B; rope/NTK/logN flags unverified",
+       **_shape(2048, 5504, 24, 16)),
+    _p("Qwen-7B", _QWEN1, 7.72, "checked", exact=7_721_324_544,
+       source=f"{_REF}: config and model.safetensors.index.json read (total_size 15,442,649,088 B); 7.72B card",
+       **_shape(4096, 11008, 32, 32)),
+    _p("Qwen-14B", _QWEN1, 14.2, source="shape and 14.2B from memory of the hub config and card",
+       **_shape(5120, 13696, 40, 40, vocab=_V_BIG)),
+    _p("Qwen-72B", _QWEN1, 72.3, source="shape and 72.3B from memory of the hub config and card",
+       **_shape(8192, 24576, 80, 64, vocab=_V_BIG)),
+    # --- Qwen1.5 (model_type "qwen2", MHA except 32B/110B, 32K context) ------------------------------
+    # 0.5B: tied embeddings as in Qwen2-0.5B (not read from its config here).
+    _p("Qwen1.5-0.5B", _QWEN15, None, source=_Q15_CFG, **_shape(1024, 2816, 24, 16, tied=True)),
+    _p("Qwen1.5-1.8B", _QWEN15, None, source=_Q15_CFG, **_shape(2048, 5504, 24, 16)),
+    _p("Qwen1.5-4B", _QWEN15, None, source=_Q15_CFG, rope_theta=5e6, **_shape(2560, 6912, 40, 20)),
+    _p("Qwen1.5-7B", _QWEN15, None, "checked", exact=7_721_324_544, source=_Q15_7B_INDEX,
+       **_shape(4096, 11008, 32, 32)),
+    _p("Qwen1.5-14B", _QWEN15, None, source=_Q15_CFG, **_shape(5120, 13696, 40, 40, vocab=_V_BIG)),
+    _p("Qwen1.5-32B", _QWEN15, None, source=_Q15_CFG, **_shape(5120, 27392, 64, 40, 8, vocab=_V_BIG)),
+    _p("Qwen1.5-72B", _QWEN15, None, source=_Q15_CFG, **_shape(8192, 24576, 80, 64, vocab=_V_BIG)),
+    _p("Qwen1.5-110B", _QWEN15, None, source=_Q15_CFG, **_shape(8192, 49152, 80, 64, 8, vocab=_V_BIG)),
+    # --- Qwen2 (GQA in every size; base configs allow 128K positions) ----------------------------------
+    _p("Qwen2-0.5B", _QWEN2, None, "checked", exact=494_032_768, source=f"{_REF}; {_Q2_TABLE}",
+       max_position_embeddings=131072, **_shape(896, 4864, 24, 14, 2, tied=True)),
+    _p("Qwen2-1.5B", _QWEN2, None, source=_Q2_TABLE, max_position_embeddings=131072,
        **_shape(1536, 8960, 28, 12, 2, tied=True)),
-    _p("Qwen2-7B", _QWEN2, 7.62, exact=7_615_616_512, max_position_embeddings=131072,
+    _p("Qwen2-7B", _QWEN2, None, source=_Q2_TABLE, max_position_embeddings=131072,
        **_shape(3584, 18944, 28, 28, 4, vocab=_V_BIG)),
-    _p("Qwen2-72B", _QWEN2, 72.7, exact=72_706_203_648, max_position_embeddings=131072,
+    _p("Qwen2-72B", _QWEN2, None, source=_Q2_TABLE, max_position_embeddings=131072,
        **_shape(8192, 29568, 80, 64, 8, vocab=_V_BIG)),
-    # --- Qwen2.5 (same code; 32k context configs) -----------------------------------------------------
-    _p("Qwen2.5-0.5B", _QWEN2, 0.49, "checked", exact=494_032_768, max_position_embeddings=32768,
-       **_shape(896, 4864, 24, 14, 2, tied=True)),
-    _p("Qwen2.5-1.5B", _QWEN2, 1.54, exact=1_543_714_304, max_position_embeddings=32768,
+    # --- Qwen2.5 (the Qwen2 code and shapes; new 3B, 14B, 32B; 32K configs) ------------------------------
+    _p("Qwen2.5-0.5B", _QWEN2, 0.49, "checked", exact=494_032_768, source=f"{_REF}; {_Q25_CARD}",
+       max_position_embeddings=32768, **_shape(896, 4864, 24, 14, 2, tied=True)),
+    _p("Qwen2.5-1.5B", _QWEN2, 1.54, "rounded", source=_Q25_CARD, max_position_embeddings=32768,
        **_shape(1536, 8960, 28, 12, 2, tied=True)),
-    _p("Qwen2.5-3B", _QWEN2, 3.09, max_position_embeddings=32768, **_shape(2048, 11008, 36, 16, 2, tied=True)),
-    _p("Qwen2.5-7B", _QWEN2, 7.62, exact=7_615_616_512, max_position_embeddings=32768,
+    _p("Qwen2.5-3B", _QWEN2, 3.09, "checked", exact=3_085_938_688, source=f"{_Q25_INDEX} (6,171,877,376 B); {_Q25_CARD}",
+       max_position_embeddings=32768, **_shape(2048, 11008, 36, 16, 2, tied=True)),
+    _p("Qwen2.5-7B", _QWEN2, 7.61, "checked", exact=7_615_616_512,
+       source=f"{_Q25_INDEX} (15,231,233,024 B); {_Q25_CARD}", max_position_embeddings=32768,
        **_shape(3584, 18944, 28, 28, 4, vocab=_V_BIG)),
-    _p("Qwen2.5-14B", _QWEN2, 14.7, max_position_embeddings=32768, **_shape(5120, 13824, 48, 40, 8, vocab=_V_BIG)),
-    _p("Qwen2.5-32B", _QWEN2, 32.8, max_position_embeddings=32768, **_shape(5120, 27648, 64, 40, 8, vocab=_V_BIG)),
-    _p("Qwen2.5-72B", _QWEN2, 72.7, max_position_embeddings=32768, **_shape(8192, 29568, 80, 64, 8, vocab=_V_BIG)),
+    _p("Qwen2.5-14B", _QWEN2, 14.7, "checked", exact=14_770_033_664,
+       source=f"{_Q25_INDEX} (29,540,067,328 B); {_Q25_CARD}", max_position_embeddings=32768,
+       **_shape(5120, 13824, 48, 40, 8, vocab=_V_BIG)),
+    _p("Qwen2.5-32B", _QWEN2, 32.5, "checked", exact=32_763_876_352,
+       source=f"{_Q25_INDEX} (65,527,752,704 B); {_Q25_CARD}, which prints 32.5B", max_position_embeddings=32768,
+       **_shape(5120, 27648, 64, 40, 8, vocab=_V_BIG)),
+    _p("Qwen2.5-72B", _QWEN2, 72.7, "checked", exact=72_706_203_648,
+       source=f"{_Q25_INDEX} (145,412,407,296 B); {_Q25_CARD}", max_position_embeddings=32768,
+       **_shape(8192, 29568, 80, 64, 8, vocab=_V_BIG)),
+    # --- MoE presets follow (chapter 8) ----------------------------------------------------------------
 ]
 
 PRESETS: dict[str, Preset] = {p.name: p for p in _ALL}
@@ -105,6 +136,17 @@ PRESETS: dict[str, Preset] = {p.name: p for p in _ALL}
 
 def list_presets() -> list[str]:
     return list(PRESETS)
+
+
+def dense_presets(family: str) -> list[str]:
+    """Names of the published dense presets of one generation: ``"Qwen"``, ``"Qwen1.5"``, ``"Qwen2"``,
+    ``"Qwen2.5"`` (in size order, as listed)."""
+    prefix = f"{family}-"
+    names = [n for n, p in PRESETS.items() if n.startswith(prefix) and p.status != "tiny"
+             and p.values.get("model_type") in ("qwen", "qwen2") and n[len(prefix):][:1].isdigit()]
+    if not names:
+        raise KeyError(f"no dense presets for {family!r}; families: Qwen, Qwen1.5, Qwen2, Qwen2.5")
+    return names
 
 
 def preset(name: str, **overrides: Any) -> QwenConfig:
