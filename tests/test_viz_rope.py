@@ -138,3 +138,63 @@ def test_each_explorer_gets_its_own_element():
     first, second = rope_explorer(), rope_explorer()
     assert first.element_id != second.element_id
     assert f'id="{first.element_id}"' in first._repr_html_()
+
+
+# --- the picture reads cleanly: labels never sit on the titles, the legend names each curve once ----
+
+LAYOUTS = [
+    # method, factor, training context, base: the target line at the top of the wavelength plot
+    # (plain RoPE at factor 32 puts it above every wavelength), factor 1 (target on the training
+    # line), and the chapter's own setting.
+    ("none", "32", "2048", "3"),
+    ("none", "4", "2048", "4"),
+    ("none", "1", "4096", "4"),
+    ("yarn", "4", "2048", "4"),
+    ("linear", "32", "32768", "7"),
+]
+
+
+def _boxes(scope, selector: str) -> list[dict]:
+    """Text and on-screen box of every element that ``selector`` finds inside ``scope``."""
+    return scope.locator(selector).evaluate_all(
+        "els => els.map(e => { const r = e.getBoundingClientRect();"
+        " return {text: e.textContent, x: r.x, y: r.y, w: r.width, h: r.height}; })",
+    )
+
+
+def _intersect(a: dict, b: dict) -> bool:
+    return a["x"] < b["x"] + b["w"] and b["x"] < a["x"] + a["w"] and a["y"] < b["y"] + b["h"] and b["y"] < a["y"] + a["h"]
+
+
+@pytest.mark.parametrize("method,factor,original,base_log10", LAYOUTS)
+def test_line_labels_stay_clear_of_titles_and_each_other(explorer_page, method, factor, original, base_log10):
+    _set(explorer_page, "select[name=method]", method, "change")
+    _set(explorer_page, "input[name=factor]", factor, "input")
+    _set(explorer_page, "input[name=originalMax]", original, "input")
+    _set(explorer_page, "input[name=base]", base_log10, "input")
+    plots = explorer_page.locator(".qwen-rope-explorer g.plot").all()
+    assert len(plots) == 2
+    for plot in plots:
+        title = _boxes(plot, "text.plot-title")
+        labels = _boxes(plot, "text.line-label")
+        legend = _boxes(plot, "text.legend-label")
+        assert len(title) == 1
+        for label in labels:
+            assert not _intersect(label, title[0]), f"{label['text']!r} overlaps the title {title[0]['text']!r}"
+            for other in legend:
+                assert not _intersect(label, other), f"{label['text']!r} overlaps the legend {other['text']!r}"
+        for i, label in enumerate(labels):
+            for other in labels[i + 1:]:
+                assert not _intersect(label, other), f"{label['text']!r} overlaps {other['text']!r}"
+    assert explorer_page.js_errors == []
+
+
+@pytest.mark.parametrize("method", SCALING_METHODS)
+def test_each_legend_names_each_curve_once(explorer_page, method):
+    _set(explorer_page, "select[name=method]", method, "change")
+    plots = explorer_page.locator(".qwen-rope-explorer g.plot").all()
+    assert len(plots) == 2
+    for plot in plots:
+        names = [box["text"] for box in _boxes(plot, "text.legend-label")]
+        assert names and len(names) == len(set(names)), names
+        assert ("plain RoPE" in names) and (len(names) == (1 if method == "none" else 2))

@@ -3,7 +3,7 @@
 // the static book (where no Python kernel runs). The formulas mirror qwen_edu's Python ones; the
 // tests evaluate QwenRope.invFreq in headless Chromium and compare with the Python reference.
 (function () {
-  if (window.QwenRope && window.QwenRope.version === "1") return;
+  if (window.QwenRope && window.QwenRope.version === "2") return;
 
   const METHODS = {
     none: "plain RoPE",
@@ -118,10 +118,11 @@
     }
   }
 
-  function drawLinePlot(svg, opts) {
+  function drawLinePlot(parent, opts) {
     const { x0, y0, w, h, series, xs, title, xLabel, yLabel, hlines, logY } = opts;
+    const svg = el("g", { class: "plot" }, parent);
     el("rect", { x: x0, y: y0, width: w, height: h, fill: "white", stroke: "#ccc" }, svg);
-    text(svg, x0, y0 - 8, title, { "font-weight": "bold" });
+    text(svg, x0, y0 - 8, title, { "font-weight": "bold", class: "plot-title" });
     const tf = (v) => (logY ? Math.log10(v) : v);
     let lo = Infinity, hi = -Infinity;
     for (const s of series) for (const v of s.ys) { lo = Math.min(lo, tf(v)); hi = Math.max(hi, tf(v)); }
@@ -132,15 +133,24 @@
     const Y = (v) => y0 + h - ((tf(v) - lo) / (hi - lo)) * h;
     for (const hl of hlines || []) {
       el("line", { x1: x0, x2: x0 + w, y1: Y(hl.y), y2: Y(hl.y), stroke: hl.color, "stroke-dasharray": "4 3" }, svg);
-      text(svg, x0 + 4, Y(hl.y) - 3, hl.label, { fill: hl.color, "font-size": 10 });
     }
+    // Each line's label sits just above its line, inside the frame. A line at the top edge gets its
+    // label below it (above, it would run into the title), and a label that would land on another
+    // one (two lines at the same height) moves down a row.
+    const row = 12, placed = [];
+    (hlines || []).map((hl) => ({ hl: hl, y: Y(hl.y) })).sort((a, b) => a.y - b.y).forEach(({ hl, y }) => {
+      let baseline = y - 3 < y0 + row ? y + row : y - 3;
+      for (const other of placed) if (Math.abs(baseline - other) < row) baseline = other + row;
+      placed.push(baseline);
+      text(svg, x0 + 4, baseline, hl.label, { fill: hl.color, "font-size": 10, class: "line-label" });
+    });
     for (const s of series) {
       el("polyline", { points: polyline(xs.map((x, k) => [X(x), Y(s.ys[k])])), fill: "none", stroke: s.color, "stroke-width": s.width || 1.6, class: s.cls || "" }, svg);
     }
     let lx = x0 + w - 170;
     series.forEach((s, k) => {
       el("line", { x1: lx, x2: lx + 18, y1: y0 + 12 + 14 * k, y2: y0 + 12 + 14 * k, stroke: s.color, "stroke-width": 2 }, svg);
-      text(svg, lx + 22, y0 + 16 + 14 * k, s.label, { "font-size": 10 });
+      text(svg, lx + 22, y0 + 16 + 14 * k, s.label, { "font-size": 10, class: "legend-label" });
     });
     text(svg, x0 + w / 2 - 40, y0 + h + 28, xLabel);
     text(svg, x0 - 4, y0 + h + 14, String(xmin), { "font-size": 9 });
@@ -168,14 +178,17 @@
     }
     drawDials(svg, scaled.invFreq, state.position, 60, 30, 640);
     const pairs = scaled.invFreq.map((_, i) => i);
+    // With plain RoPE the "scaled" curve is the plain one: draw it once, under its one name.
+    const isPlain = state.method === "none";
+    const withPlain = (plainSeries, scaledSeries) => (isPlain ? [scaledSeries] : [plainSeries, scaledSeries]);
     drawLinePlot(svg, {
       x0: 60, y0: 190, w: 640, h: 170, xs: pairs, logY: true,
       title: "Wavelength 2*pi/theta_i of each pair (tokens, log scale)",
       xLabel: "pair index i", yLabel: "tokens",
-      series: [
-        { ys: plain.invFreq.map((f) => (2 * Math.PI) / f), color: "#999", label: "plain RoPE" },
+      series: withPlain(
+        { ys: plain.invFreq.map((f) => (2 * Math.PI) / f), color: "#999", label: METHODS.none },
         { ys: scaled.invFreq.map((f) => (2 * Math.PI) / f), color: "#1f6fb2", label: METHODS[state.method], cls: "scaled-wavelength" },
-      ],
+      ),
       hlines: [
         { y: state.originalMax, color: "#2e8b57", label: "training context " + state.originalMax },
         { y: state.originalMax * state.factor, color: "#c0392b", label: "target " + Math.round(state.originalMax * state.factor) },
@@ -189,10 +202,10 @@
       x0: 60, y0: 420, w: 640, h: 170, xs: distances,
       title: "Score of two identical all-ones vectors vs their distance (mean cos, averaged per bin)",
       xLabel: "relative distance (tokens)", yLabel: "score",
-      series: [
-        { ys: decayCurve(plain.invFreq, 1, distances, binWidth), color: "#999", label: "plain RoPE", width: 1 },
+      series: withPlain(
+        { ys: decayCurve(plain.invFreq, 1, distances, binWidth), color: "#999", label: METHODS.none, width: 1 },
         { ys: decayCurve(scaled.invFreq, scaled.attentionScaling, distances, binWidth), color: "#1f6fb2", label: METHODS[state.method], cls: "scaled-decay" },
-      ],
+      ),
       hlines: [],
     });
     const extra = scaled.alpha !== undefined ? ", alpha " + scaled.alpha : "";
@@ -248,5 +261,5 @@
     return state;
   }
 
-  window.QwenRope = { version: "1", METHODS: METHODS, invFreq: invFreq, decayCurve: decayCurve, mount: mount, render: render };
+  window.QwenRope = { version: "2", METHODS: METHODS, invFreq: invFreq, decayCurve: decayCurve, mount: mount, render: render };
 })();
