@@ -257,3 +257,61 @@ def test_torch_is_pinned_only_in_the_constraints():
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert not re.search(r'"torch\s*==', pyproject), "never pin torch in the package metadata"
     assert re.search(r"^torch==2\.13\.0$", (ROOT / "constraints.txt").read_text(), flags=re.MULTILINE)
+
+
+# --- reading the rendered book (rules in tests/built_book/rules.py) ------------------------------
+
+
+def _long_line_param(notebook):
+    from tests.built_book.rules import long_line_mark
+
+    mark = long_line_mark(notebook.stem)
+    return pytest.param(notebook, id=notebook.stem, marks=[mark] if mark else [])
+
+
+@pytest.mark.parametrize("notebook", [_long_line_param(nb) for nb in NOTEBOOKS])
+def test_notebook_code_lines_fit_the_column(notebook):
+    """A code line longer than the book's column makes the reader scroll sideways (limit: 88)."""
+    from tests.built_book.rules import CODE_COLUMN_CHARS, long_code_lines
+
+    too_long = long_code_lines(notebook)
+    assert not too_long, (
+        f"{notebook.name}: {len(too_long)} code lines are longer than the {CODE_COLUMN_CHARS} characters "
+        "that fit the rendered column at 1400 px (aim for 80):\n" + "\n".join(too_long)
+    )
+
+
+def test_long_code_lines_are_found_and_hidden_cells_ignored(tmp_path):
+    from tests.built_book.rules import long_code_lines
+
+    nb = nbformat.v4.new_notebook()
+    hidden = nbformat.v4.new_code_cell("x = 1  # " + "h" * 100)
+    hidden.metadata["tags"] = ["remove-cell"]
+    nb.cells = [
+        nbformat.v4.new_markdown_cell("m" * 200),  # prose wraps; only code is checked
+        nbformat.v4.new_code_cell("short = 1\n" + "y = 2  # " + "a" * 79),  # exactly 88 characters
+        nbformat.v4.new_code_cell("z = 3  # " + "b" * 80),  # 89 characters
+        hidden,
+    ]
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(nb, path)
+    assert long_code_lines(path) == [f"cell 2, line 1 (89 chars): z = 3  # {'b' * 51}..."]
+
+
+def test_bibliography_titles_keep_acronyms_capitalised():
+    """The bibliography sentence-cases titles; braces keep GQA, YaRN, Qwen2-VL, 7B... as written."""
+    from pybtex.database import parse_file
+    from pybtex.richtext import Text
+
+    from tests.built_book.rules import acronyms
+
+    entries = parse_file(ROOT / "book" / "references.bib").entries
+    lowered = {}
+    for key, entry in entries.items():
+        title = entry.fields.get("title", "")
+        rendered = Text.from_latex(title).capitalize().render_as("text")  # what pybtex's plain style prints
+        lost = [word for word in acronyms(title) if word not in rendered]
+        if lost:
+            lowered[key] = (rendered, lost)
+    assert not lowered, f"brace-protect these words in book/references.bib titles, e.g. {{GQA}}: {lowered}"
+    assert "GQA" in acronyms(entries["ainslie2023gqa"].fields["title"])
