@@ -90,7 +90,9 @@ def _token_steps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     batch = input_ids.shape[0]
     padded = attention_mask is not None and not bool(attention_mask.all())
     mask = attention_mask.to(device).long() if padded else None  # type: ignore[union-attr]
-    positions = left_padded_positions(mask) if mask is not None else None
+    # A model that derives its own position ids (M-RoPE) gets none from here, only the padding mask.
+    own_positions = getattr(model, "computes_position_ids", False)
+    positions = left_padded_positions(mask) if mask is not None and not own_positions else None
     pad = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     eos = torch.tensor(eos_ids, device=device) if eos_ids else None
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -113,9 +115,8 @@ def _token_steps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
             return
         tokens = next_tokens[:, None]
         if mask is not None:
-            assert positions is not None
             mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-            positions = positions[:, -1:] + 1
+            positions = positions[:, -1:] + 1 if positions is not None else None
 
 
 def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,

@@ -60,11 +60,15 @@ class Qwen2Model(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = self.build_rotary_embedding(config)
+
+    def build_rotary_embedding(self, config: QwenConfig) -> nn.Module:
+        """The module that turns ``position_ids`` into ``(cos, sin)``; M-RoPE models override this."""
         scaling = config.rope_scaling
         if config.use_dynamic_ntk:
             scaling = {"rope_type": "qwen1_ntk", "seq_length": config.seq_length}
-        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, scaling,
-                                          config.max_position_embeddings, rotate_in_fp32=config.rope_in_fp32)
+        return RotaryEmbedding(config.head_dim, config.rope_theta, scaling,
+                               config.max_position_embeddings, rotate_in_fp32=config.rope_in_fp32)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: KVCache | None = None,
@@ -96,10 +100,13 @@ class Qwen2Model(nn.Module):
 class Qwen2ForCausalLM(nn.Module):
     """Decoder plus LM head. With ``tie_word_embeddings`` the head *is* the embedding matrix."""
 
+    #: The decoder stack class (a model with another position scheme swaps in a subclass).
+    decoder_class: type[Qwen2Model] = Qwen2Model
+
     def __init__(self, config: QwenConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = Qwen2Model(config)
+        self.model = self.decoder_class(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 

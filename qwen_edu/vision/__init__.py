@@ -9,3 +9,13 @@
 The language-model side of each vision-language model lives in ``qwen_edu/models/<arch>.py`` and
 imports its vision tower from here.
 """
+
+from qwen_edu.vision.dynamic_resolution import (
+    preprocess_image,
+    preprocess_images,
+    preprocess_video,
+    smart_resize,
+)
+from qwen_edu.vision.mrope import get_rope_index
+
+__all__ = ["smart_resize", "preprocess_image", "preprocess_images", "preprocess_video", "get_rope_index"]
