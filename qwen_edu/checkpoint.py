@@ -29,8 +29,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qwen_edu.models.config import dtype_from_str, dtype_to_str
-from qwen_edu.models.layouts import TensorSource
-from qwen_edu.models.registry import ModelEntry, entry_for_config
+from qwen_edu.models.layouts import Placement, TensorSource, WeightLayout, source_parts
+from qwen_edu.models.registry import entry_for_config
 
 __all__ = [
     "CheckpointError",
@@ -219,37 +219,46 @@ def _source_shape(info: TensorInfo, src: TensorSource) -> tuple[int, ...] | None
     return (b - a, *info.shape[1:])
 
 
-def _plan(model: nn.Module, entry: ModelEntry, config: Any, infos: dict[str, TensorInfo]
-          ) -> dict[str, tuple[TensorSource, TensorInfo]]:
-    """Map every parameter to its checkpoint tensor, or raise listing everything that does not fit."""
+#: One parameter's reading plan: which slice of it (``()`` = all) comes from which checkpoint tensor.
+_Plan = dict[str, list[tuple[Placement, TensorInfo]]]
+
+
+def _plan(model: nn.Module, layout: WeightLayout, config: Any, infos: dict[str, TensorInfo]) -> _Plan:
+    """Map every parameter (or slice of one) to its checkpoint tensor, or raise listing everything that
+    does not fit. ``layout`` is the entry's layout as chosen for this checkpoint's keys."""
     params = dict(model.named_parameters())  # tied lm_head appears once, as the embedding
-    sources = entry.layout.sources(params, config)
-    plan: dict[str, tuple[TensorSource, TensorInfo]] = {}
+    sources = layout.sources(params, config)
+    plan: _Plan = {}
     missing: list[str] = []
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
     for name, param in params.items():
-        src = sources[name]
-        info = infos.get(src.key)
-        if info is None:
-            missing.append(src.key if src.key == name else f"{src.key} (for {name})")
-            continue
-        found = _source_shape(info, src)
-        if found != tuple(param.shape):
-            label = src.key if src.rows is None else f"{src.key}[{src.rows[0]}:{src.rows[1]}] (for {name})"
-            mismatched.append((label, tuple(param.shape), found if found is not None else info.shape))
-            continue
-        plan[name] = (src, info)
-    used = {src.key for src in sources.values()}
+        parts = source_parts(sources[name])
+        for part in parts:
+            src = part.source
+            info = infos.get(src.key)
+            if info is None:
+                missing.append(src.key if src.key == name else f"{src.key} (for {name})")
+                continue
+            found = _source_shape(info, src)
+            expected = tuple(param[part.slices()].shape)
+            if found != expected:
+                label = src.key if src.rows is None else f"{src.key}[{src.rows[0]}:{src.rows[1]}]"
+                label += f" (for {name})" if src.rows is not None or part.index else ""
+                mismatched.append((label, expected, found if found is not None else info.shape))
+                continue
+            plan.setdefault(name, []).append((part, info))
+    used = {part.source.key for src in sources.values() for part in source_parts(src)}
     tied_head = getattr(config, "tie_word_embeddings", False)
-    unexpected = [k for k in infos if k not in used and not entry.layout.ignorable.fullmatch(k)
+    unexpected = [k for k in infos if k not in used and not layout.ignorable.fullmatch(k)
                   and not (tied_head and k == "lm_head.weight")]
     if missing or unexpected or mismatched:
-        raise _mismatch_error(config, infos, missing, unexpected, mismatched)
+        raise _mismatch_error(config, infos, missing, unexpected, mismatched, layout)
     return plan
 
 
 def _mismatch_error(config: Any, infos: dict[str, TensorInfo], missing: list[str], unexpected: list[str],
-                    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]]) -> StateDictMismatchError:
+                    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]],
+                    layout: WeightLayout | None = None) -> StateDictMismatchError:
     """Build the error; if the pattern says "the config describes another model", say that first."""
     lines = []
     if missing:
@@ -260,6 +269,8 @@ def _mismatch_error(config: Any, infos: dict[str, TensorInfo], missing: list[str
         lines.append(f"shape mismatches ({len(mismatched)}): " + _listing(
             f"{k}: expected {list(e)}, found {list(f)}" for k, e, f in mismatched))
     hints = _config_hints(config, infos, missing)
+    if layout is not None:
+        hints += layout.hints(config, {k: i.shape for k, i in infos.items()})
     if hints:
         message = "config.json does not match the weights: " + "; ".join(hints) + "\n  " + "\n  ".join(lines)
         return ConfigMismatchError(message, missing, unexpected, mismatched)
@@ -373,18 +384,20 @@ def load_model(path_or_hub_id: str | os.PathLike, dtype: torch.dtype | str | Non
 
     with torch.device("meta"):
         model = entry.model_class(config)
-    plan = _plan(model, entry, config, infos)  # raises before any weight is read
+    layout = entry.layout.for_checkpoint(infos.keys(), config)
+    plan = _plan(model, layout, config, infos)  # raises before any weight is read
 
     reader = _MappedReader()
     try:
         for name, param in list(model.named_parameters()):
-            src, info = plan[name]
             tensor = torch.empty(param.shape, dtype=target_dtype if param.is_floating_point() else param.dtype,
                                  device=target_device)
-            try:
-                _copy_into(tensor, info.file, src.key, src.rows, reader)
-            except Exception as exc:
-                raise CorruptCheckpointError(f"{info.file}: reading tensor {src.key!r} failed: {exc}") from exc
+            for part, info in plan[name]:  # a stacked parameter is filled slice by slice, in place
+                src = part.source
+                try:
+                    _copy_into(tensor[part.slices()], info.file, src.key, src.rows, reader)
+                except Exception as exc:
+                    raise CorruptCheckpointError(f"{info.file}: reading tensor {src.key!r} failed: {exc}") from exc
             _set_parameter(model, name, tensor)
     finally:
         reader.close()
@@ -426,18 +439,21 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
         raise
 
 
-def save_model(model: nn.Module, folder: str | os.PathLike, *, max_shard_size: int | str | None = None) -> Path:
-    """Write ``config.json`` and safetensors weights in the model's own layout (Qwen2 or Qwen-1).
+def save_model(model: nn.Module, folder: str | os.PathLike, *, max_shard_size: int | str | None = None,
+               layout: WeightLayout | None = None) -> Path:
+    """Write ``config.json`` and safetensors weights in the model's own layout (Qwen2, Qwen-1, MoE ...).
 
     With ``max_shard_size`` the weights are split into ``model-0000i-of-0000n.safetensors`` files
     plus a ``model.safetensors.index.json``, like ``save_pretrained``. A tied head is not stored.
+    ``layout`` overrides the registered one (e.g. ``MoeLayout(fused=True)`` for fused expert tensors).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config  # type: ignore[attr-defined]
     entry = entry_for_config(config.to_hf_config())
     state = {name: p.detach() for name, p in model.named_parameters()}
-    tensors = {k: v.to("cpu").contiguous() for k, v in entry.layout.to_checkpoint(state, config).items()}
+    layout = layout if layout is not None else entry.layout
+    tensors = {k: v.to("cpu").contiguous() for k, v in layout.to_checkpoint(state, config).items()}
 
     shards: list[dict[str, torch.Tensor]] = [{}]
     limit = _parse_size(max_shard_size) if max_shard_size is not None else None

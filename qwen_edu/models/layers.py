@@ -304,9 +304,13 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm transformer block: ``h = x + attn(norm(x)); y = h + mlp(norm(h))``."""
+    """Pre-norm transformer block: ``h = x + attn(norm(x)); y = h + mlp(norm(h))``.
 
-    def __init__(self, config: QwenConfig, layer_idx: int = 0) -> None:
+    ``mlp`` replaces the dense SwiGLU by any module mapping ``[B, L, H] -> [B, L, H]`` (a sparse MoE
+    block in the MoE models); by default the layer builds the dense :class:`MLP` from the config.
+    """
+
+    def __init__(self, config: QwenConfig, layer_idx: int = 0, mlp: nn.Module | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(
@@ -316,7 +320,7 @@ class DecoderLayer(nn.Module):
             logn_seq_length=config.seq_length if config.use_logn_attn else None,
         )
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.mlp = mlp if mlp is not None else MLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,

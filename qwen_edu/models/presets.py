@@ -39,6 +39,7 @@ class Preset:
     exact_params: int | None = None  # a published exact total (safetensors index), see the module docstring
     status: str = "unverified"  # "checked" | "rounded" | "unverified" | "tiny"
     source: str = ""  # where the shape and the figures come from
+    published_activated: float | None = None  # MoE: activated parameters per token, billions, as published
 
 
 _V = 151936  # vocabulary rows of the small models
@@ -129,6 +130,21 @@ _ALL = [
        source=f"{_Q25_INDEX} (145,412,407,296 B); {_Q25_CARD}", max_position_embeddings=32768,
        **_shape(8192, 29568, 80, 64, 8, vocab=_V_BIG)),
     # --- MoE presets follow (chapter 8) ----------------------------------------------------------------
+    # model_type "qwen2_moe": preset() returns a Qwen2MoeConfig. published_activated is the "A" figure.
+    Preset("Qwen1.5-MoE-A2.7B", dict(
+        _QWEN15, model_type="qwen2_moe", max_position_embeddings=8192, **_shape(2048, 5632, 24, 16),
+        num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
+        norm_topk_prob=False, decoder_sparse_step=1), published_params=14.3, exact_params=14_315_784_192,
+        status="checked", published_activated=2.7,
+        source=f"{_REF} §4.2 (Chat-GPTQ config copy; 14,315,784,192 by arithmetic); base config copy for "
+               "max_position_embeddings 8192; Qwen1.5-MoE blog: 14.3B total, 2.7B activated"),
+    Preset("Qwen2-57B-A14B", dict(
+        _QWEN2, model_type="qwen2_moe", max_position_embeddings=131072, **_shape(3584, 18944, 28, 28, 4),
+        num_experts=64, num_experts_per_tok=8, moe_intermediate_size=2560, shared_expert_intermediate_size=20480,
+        norm_topk_prob=False, decoder_sparse_step=1), published_params=57.0, status="rounded",
+        published_activated=14.0,
+        source="hub config.json (a third-party copy in TensorRT-LLM's tests); Qwen2 report: 57B total, "
+               "14B activated, 64 routed experts (8 activated) plus 8 experts' worth of shared expert"),
 ]
 
 PRESETS: dict[str, Preset] = {p.name: p for p in _ALL}
@@ -154,4 +170,9 @@ def preset(name: str, **overrides: Any) -> QwenConfig:
     key = {n.lower(): n for n in PRESETS}.get(name.lower())
     if key is None:
         raise KeyError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
-    return QwenConfig(**{**PRESETS[key].values, **overrides})
+    values = {**PRESETS[key].values, **overrides}
+    if values.get("model_type") == "qwen2_moe":
+        from qwen_edu.models.qwen2_moe import Qwen2MoeConfig
+
+        return Qwen2MoeConfig(**values)
+    return QwenConfig(**values)
