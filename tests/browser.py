@@ -3,6 +3,9 @@
 CI installs Debian's ``chromium`` (see ``.ci/run``) and sets ``QWEN_EDU_REQUIRE_BROWSER=1``, which
 turns a missing browser into a failure instead of a skip. Playwright drives the system browser; it
 never downloads one of its own.
+
+The page is offline, as a reader's locally built book may be: every request that would leave the
+machine is refused and recorded in ``page.offline_requests`` (only ``file:`` pages load).
 """
 
 from __future__ import annotations
@@ -36,6 +39,15 @@ def _missing(reason: str) -> None:
     pytest.skip(reason)
 
 
+def _offline(route, refused: list[str]) -> None:
+    url = route.request.url
+    if url.startswith("file:"):
+        route.continue_()
+    else:
+        refused.append(url)
+        route.abort("internetdisconnected")
+
+
 @pytest.fixture(scope="module")
 def browser_page() -> Iterator[object]:
     """A Playwright page in headless Chromium (module-scoped: starting Chromium takes a second)."""
@@ -50,7 +62,10 @@ def browser_page() -> Iterator[object]:
         browser = playwright.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 900, "height": 900})
         errors: list[str] = []
+        refused: list[str] = []
         page.on("pageerror", lambda error: errors.append(str(error)))
+        page.route("**/*", lambda route: _offline(route, refused))
         page.js_errors = errors  # type: ignore[attr-defined]
+        page.offline_requests = refused  # type: ignore[attr-defined]
         yield page
         browser.close()

@@ -315,3 +315,43 @@ def test_bibliography_titles_keep_acronyms_capitalised():
             lowered[key] = (rendered, lost)
     assert not lowered, f"brace-protect these words in book/references.bib titles, e.g. {{GQA}}: {lowered}"
     assert "GQA" in acronyms(entries["ainslie2023gqa"].fields["title"])
+
+
+def _book_extension(name: str):
+    import importlib.util
+
+    if (module := sys.modules.get(f"book_ext_{name}")) is not None:
+        return module
+    spec = importlib.util.spec_from_file_location(f"book_ext_{name}", ROOT / "book" / "_ext" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bibliography_labels_are_author_year_and_tell_namesakes_apart():
+    from pybtex.database import parse_string
+
+    author_year = _book_extension("author_year")
+    bib = parse_string(
+        """
+        @article{one, title={A}, author={Zhang, Biao}, year={2019}}
+        @article{two, title={B}, author={Press, Ofir and Wolf, Lior}, year={2017}}
+        @article{many, title={Qwen}, author={Bai, Jinze and Bai, Shuai and Chu, Yunfei}, year={2023}}
+        @article{others, title={Qwen-VL}, author={Bai, Jinze and others}, year={2023}}
+        @misc{team, title={Qwen2.5}, author={{Qwen Team}}, year={2024}}
+        @inproceedings{dejong, title={GQA}, author={de Jong, Michiel}, year={2023}}
+        """,
+        "bibtex",
+    )
+    entries = author_year.AuthorYearSortingStyle().sort(bib.entries.values())
+    labels = dict(zip([e.key for e in entries], author_year.author_year_labels(entries), strict=True))
+    assert labels == {
+        "one": "Zhang, 2019",
+        "two": "Press and Wolf, 2017",
+        "many": "Bai et al., 2023a",  # same first author and year as "others": told apart, in title order
+        "others": "Bai et al., 2023b",
+        "team": "Qwen Team, 2024",
+        "dejong": "de Jong, 2023",
+    }
+    assert [e.key for e in entries] == ["many", "others", "dejong", "two", "team", "one"]

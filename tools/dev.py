@@ -119,7 +119,7 @@ def command_test(args: argparse.Namespace) -> None:
     step("book build (strict, reuses the nbval executions)",
          BIN / "jupyter-book", "build", ".", "-W", "-n", "--keep-going")
     os.environ["QWEN_EDU_REQUIRE_BUILT_BOOK"] = "1"
-    step("checks on the built HTML (Colab buttons, RoPE explorer in Chromium)",
+    step("checks on the built HTML, offline in Chromium (math, layout, bibliography, RoPE explorer)",
          PYTHON, "-m", "pytest", "-p", "no:cacheprovider", "tests/built_book")
     print("\nAll checks passed.")
     for name, seconds in timings:

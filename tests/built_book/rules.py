@@ -30,6 +30,8 @@ LONG_LINE_NOTEBOOKS = frozenset({
     "06_alignment_ppo_dpo",
 })
 
+LAYOUT_REPORT: dict[str, dict] = {}  # page -> measurements; tests/built_book/conftest.py prints them
+
 HIDDEN_SOURCE_TAGS = {"remove-cell", "remove-input"}  # cells whose code the book does not show
 
 
