@@ -108,23 +108,24 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     future = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).triu(1)
     decay = (gamma[..., :, None] - gamma[..., None, :]).masked_fill(future, float("-inf")).exp()  # D
     k_beta = k * beta[..., None]
-    # (I + A) [U | W] = [beta V | beta K e^Gamma]: the diagonal is taken as 1 (unitriangular).
+    # (I + A) U = beta V and (I + A) W = beta K e^Gamma; the diagonal is taken as 1 (unitriangular).
     system = (k_beta @ k.transpose(-1, -2)) * decay
-    rhs = torch.cat([v * beta[..., None], k_beta * gamma.exp()[..., None]], dim=-1)
-    solved = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
-    u, w = solved[..., :d_v], solved[..., d_v:]
+    u = torch.linalg.solve_triangular(system, v * beta[..., None], upper=False, unitriangular=True)
+    w = torch.linalg.solve_triangular(system, k_beta * gamma.exp()[..., None], upper=False, unitriangular=True)
     scores = (q @ k.transpose(-1, -2)) * decay                            # causal, decayed q.k inside the chunk
-    q_decayed = q * gamma.exp()[..., None]                                # reads the state of the chunk start
+    # O = (Q e^Gamma) S + scores (U - W S) = (Q e^Gamma - scores W) S + scores U: everything but the
+    # products with the state S is computed for all chunks at once, outside the loop.
+    reads = torch.cat([w, q * gamma.exp()[..., None] - scores @ w], dim=-2)  # rows that multiply S
+    out = scores @ u
     k_decayed = k * (gamma[..., -1:] - gamma).exp()[..., None]            # writes, decayed to the chunk end
     chunk_decay = gamma[..., -1].exp()[..., None, None]
 
     state = (torch.zeros(b, h, d_k, d_v, dtype=torch.float32, device=v.device) if initial_state is None
              else initial_state.to(torch.float32))
-    out = v.new_empty(b, h, n, chunk_size, d_v)
     for i in range(n):
-        v_new = u[:, :, i] - w[:, :, i] @ state
-        out[:, :, i] = q_decayed[:, :, i] @ state + scores[:, :, i] @ v_new
-        state = state * chunk_decay[:, :, i] + k_decayed[:, :, i].transpose(-1, -2) @ v_new
+        w_state, q_state = (reads[:, :, i] @ state).split(chunk_size, dim=-2)
+        out[:, :, i] += q_state
+        state = state * chunk_decay[:, :, i] + k_decayed[:, :, i].transpose(-1, -2) @ (u[:, :, i] - w_state)
     return out.reshape(b, h, n * chunk_size, d_v)[:, :, :length], state
 
 
@@ -138,10 +139,12 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tenso
     (HF's cache keeps K columns; the oldest is never read.)
     """
     channels, width = weight.shape
-    history = (x.new_zeros(x.shape[0], channels, width - 1) if conv_state is None
-               else conv_state.to(x.dtype))
-    full = torch.cat([history, x], dim=-1)
-    y = F.conv1d(full.to(weight.dtype), weight[:, None, :], groups=channels)
+    if conv_state is None:  # start of a sequence: zero history, i.e. plain left padding
+        y = F.conv1d(x.to(weight.dtype), weight[:, None, :], padding=width - 1, groups=channels)[..., :x.shape[-1]]
+        full = F.pad(x[..., -(width - 1):], (max(0, width - 1 - x.shape[-1]), 0))
+    else:
+        full = torch.cat([conv_state.to(x.dtype), x], dim=-1)
+        y = F.conv1d(full.to(weight.dtype), weight[:, None, :], groups=channels)
     return F.silu(y).to(x.dtype), full[..., full.shape[-1] - (width - 1):]
 
 
@@ -269,10 +272,10 @@ class GatedDeltaNet(nn.Module):
         mixed, conv_state = causal_conv1d(pre, self.conv1d.weight[:, 0], old_conv)
         q, k, v = mixed.transpose(1, 2).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         r = self.num_v_heads // self.num_k_heads
-        # [B, L, heads * d] -> [B, H_v, L, d]; key head j // r serves value head j.
-        q = q.reshape(batch, length, self.num_k_heads, self.head_k_dim).repeat_interleave(r, dim=2).transpose(1, 2)
-        k = k.reshape(batch, length, self.num_k_heads, self.head_k_dim).repeat_interleave(r, dim=2).transpose(1, 2)
-        v = v.reshape(batch, length, self.num_v_heads, self.head_v_dim).transpose(1, 2)
+        # [B, L, heads * d] -> [B, H_v, L, d] (contiguous); key head j // r serves value head j.
+        q = q.reshape(batch, length, self.num_k_heads, self.head_k_dim).transpose(1, 2).repeat_interleave(r, dim=1)
+        k = k.reshape(batch, length, self.num_k_heads, self.head_k_dim).transpose(1, 2).repeat_interleave(r, dim=1)
+        v = v.reshape(batch, length, self.num_v_heads, self.head_v_dim).transpose(1, 2).contiguous()
         beta, g = self.gates(b, a)
         beta, g = beta.transpose(1, 2), g.transpose(1, 2)
         q = l2norm(q.float()) * (1.0 / math.sqrt(self.head_k_dim))

@@ -155,6 +155,10 @@ class KVCache:
     def __len__(self) -> int:
         return self.lengths[0]
 
+    def crop(self, length: int) -> None:
+        """Forget every position after the first ``length`` (e.g. rejected speculative drafts)."""
+        self.lengths = [min(n, length) for n in self.lengths]
+
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``k, v [B, n_kv, L, d]`` and return all keys and values so far."""
         start = self.lengths[layer_idx]
