@@ -3,7 +3,8 @@
 The pieces, in the order the book builds them:
 
 - ``data``: seeded chat conversations and preference pairs; ``sft_labels``, ``pad_batch``, ``encode_pair``.
-- ``core``: ``sequence_logprobs``, masked statistics, ``generate_responses``, the reference-model check.
+- ``core``: ``sequence_logprobs``, masked statistics, ``generate_responses``, the reference-model check,
+  the exact per-token KL (``kl_from_logits``, ``reply_kl``).
 - ``sft``: ``train_sft`` (assistant-only next-token loss), ``evaluate_chat`` (format-following rate).
 - ``reward``: ``RewardModel`` (backbone + scalar head at the last token), ``bradley_terry_loss``.
 - ``ppo``: ``kl_penalty``, ``gae``, ``ppo_policy_loss``, ``ppo_value_loss``, ``ppo_step``, ``PPOTrainer``.
@@ -18,9 +19,11 @@ from qwen_edu.alignment.core import (
     entropy_from_logits,
     frozen_copy,
     generate_responses,
+    kl_from_logits,
     masked_mean,
     masked_whiten,
     pad_id_of,
+    reply_kl,
     sequence_logprobs,
     token_logprobs,
 )
@@ -85,9 +88,11 @@ __all__ = [
     "entropy_from_logits",
     "frozen_copy",
     "generate_responses",
+    "kl_from_logits",
     "masked_mean",
     "masked_whiten",
     "pad_id_of",
+    "reply_kl",
     "sequence_logprobs",
     "token_logprobs",
     "check_answer",

@@ -5,6 +5,8 @@
   log-probabilities of the response tokens only (padding and prompt masked out);
 * :func:`masked_mean`, :func:`masked_whiten` -- statistics over the real tokens of a padded batch;
 * :func:`entropy_from_logits` -- per-position entropy of the next-token distribution;
+* :func:`kl_from_logits`, :func:`reply_kl` -- the exact per-token ``KL(pi || pi_ref)`` over the whole
+  vocabulary, and its sum along each reply (how far a policy has moved from its reference);
 * :func:`check_same_architecture` -- refuses a reference model that is not a copy of the policy's shape;
 * :func:`frozen_copy` -- a deep copy in eval mode with gradients switched off (the reference model).
 
@@ -28,7 +30,9 @@ from qwen_edu.generation import left_padded_positions
 __all__ = [
     "token_logprobs",
     "entropy_from_logits",
+    "kl_from_logits",
     "forward_logits",
+    "reply_kl",
     "sequence_logprobs",
     "masked_mean",
     "masked_sum",
@@ -53,6 +57,21 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     logits = logits.float()
     probs = logits.softmax(-1)
     return torch.logsumexp(logits, -1) - (probs * logits).sum(-1)
+
+
+def kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """Exact ``KL(p || q) = sum_v p_v (log p_v - log q_v)`` per position, ``p = softmax(logits)``,
+    ``q = softmax(ref_logits)`` (fp32; ``[..., V]`` -> ``[...]``).
+
+    Unlike the sampled estimators of :func:`~qwen_edu.alignment.ppo.kl_penalty`, which look at one
+    token, this sums over the whole vocabulary, so it is the KL of the next-token distributions
+    themselves: never negative, and 0 only where the two distributions agree.
+    """
+    if logits.shape != ref_logits.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and ref_logits {tuple(ref_logits.shape)} differ in shape")
+    logp = F.log_softmax(logits.float(), dim=-1)
+    logq = F.log_softmax(ref_logits.float(), dim=-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
 
 
 def forward_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -89,6 +108,25 @@ def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     if return_entropy:
         return out, entropy_from_logits(logits) * mask
     return out
+
+
+@torch.no_grad()
+def reply_kl(model: nn.Module, ref_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+             response_mask: torch.Tensor) -> torch.Tensor:
+    """``[B]``: the exact per-token KL of ``model`` from ``ref_model``, summed along each reply.
+
+    Entry ``b`` is ``sum_t KL(pi(. | y_<t) || pi_ref(. | y_<t))`` over the reply tokens of row ``b``
+    (``response_mask``, as in :func:`sequence_logprobs`). When the replies are *sampled from*
+    ``model``, its mean is an unbiased estimate of the sequence-level ``KL(pi || pi_ref)`` (the chain
+    rule of KL: the sequence KL is the expected sum of the per-token KLs along the policy's own
+    samples), with less variance than the one-token estimates ``k1``/``k3``. Along a greedy reply it
+    is only the per-token KL at the states that one reply visits, not an estimate of the KL.
+    """
+    if response_mask.shape != input_ids.shape:
+        raise ValueError(f"response_mask {tuple(response_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
+    logits = forward_logits(model, input_ids, attention_mask)[:, :-1]
+    ref_logits = forward_logits(ref_model, input_ids, attention_mask)[:, :-1]
+    return (kl_from_logits(logits, ref_logits) * response_mask[:, 1:].float()).sum(-1)
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:

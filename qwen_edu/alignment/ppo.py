@@ -408,10 +408,22 @@ class PPOTrainer:
 def evaluate_policy(policy: nn.Module, reward_model: nn.Module, tokenizer: Any, prompts: Sequence[Mapping[str, Any]],
                     *, ref_model: nn.Module | None = None, max_new_tokens: int = 20, batch_size: int = 64,
                     system_prompt: str | None = SYSTEM_PROMPT, do_sample: bool = False,
-                    generator: torch.Generator | None = None) -> dict[str, Any]:
-    """Mean reward-model score of the policy's replies (greedy by default) and, with ``ref_model``,
-    the mean summed KL estimate (k1) of those replies against the reference."""
+                    generator: torch.Generator | None = None, kl_seed: int = 0) -> dict[str, Any]:
+    """The reward-model score of the policy's replies and, with ``ref_model``, its KL from the reference.
+
+    * ``reward``: mean score of the replies (greedy by default; ``do_sample=True`` samples them at
+      temperature 1 with ``generator``), and ``texts``, the replies.
+    * ``kl``: ``KL(pi || pi_ref)`` in nats per reply, estimated on replies **sampled** from the
+      policy (temperature 1, no truncation of the distribution): along each sampled reply the exact
+      per-token KL over the vocabulary is summed (:func:`~qwen_edu.alignment.core.reply_kl`), then
+      averaged over the prompts; ``kl_stderr`` is its standard error. Greedy replies are not samples
+      from the policy, so with ``do_sample=False`` a separate sampled pass (seeded by ``kl_seed``)
+      measures the KL; with ``do_sample=True`` the scored samples are reused.
+    """
+    from qwen_edu.alignment.core import reply_kl
+
     pad, stop = pad_id_of(tokenizer), im_end_id(tokenizer)
+    kl_generator = generator if do_sample else torch.Generator().manual_seed(kl_seed)
     scores, kls, texts = [], [], []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
@@ -421,12 +433,16 @@ def evaluate_policy(policy: nn.Module, reward_model: nn.Module, tokenizer: Any, 
         scores.append(reward_model(resp.input_ids, resp.attention_mask).float().cpu())
         texts += resp.texts(tokenizer)
         if ref_model is not None:
-            lp = sequence_logprobs(policy, resp.input_ids, resp.attention_mask, resp.response_mask)
-            ref = sequence_logprobs(ref_model, resp.input_ids, resp.attention_mask, resp.response_mask)
-            kls.append((lp - ref).cpu())
+            sampled = resp if do_sample else generate_responses(
+                policy, ids, pad_id=pad, stop_id=stop, max_new_tokens=max_new_tokens, do_sample=True,
+                generator=kl_generator)
+            kls.append(reply_kl(policy, ref_model, sampled.input_ids, sampled.attention_mask,
+                                sampled.response_mask).cpu())
     out: dict[str, Any] = {"reward": float(torch.cat(scores).mean()), "texts": texts}
     if kls:
-        out["kl"] = float(torch.cat(kls).mean())
+        kl = torch.cat(kls)
+        out["kl"] = float(kl.mean())
+        out["kl_stderr"] = float(kl.std() / math.sqrt(len(kl))) if len(kl) > 1 else float("nan")
     if not math.isfinite(out["reward"]):
         raise FloatingPointError("reward model returned a non-finite score")
     return out
