@@ -310,18 +310,29 @@ class Attention(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm transformer block: ``h = x + attn(norm(x)); y = h + mlp(norm(h))``.
 
-    ``mlp`` replaces the dense SwiGLU by any module mapping ``[B, L, H] -> [B, L, H]`` (a sparse MoE
-    block in the MoE models); by default the layer builds the dense :class:`MLP` from the config.
+    The Qwen generations differ *inside* this block, so each difference is an option, chosen per layer:
+
+    * ``mlp`` replaces the dense SwiGLU by any module mapping ``[B, L, H] -> [B, L, H]`` (a sparse MoE
+      block in the MoE models); by default the layer builds the dense :class:`MLP` from the config.
+    * ``qk_norm`` (a norm class) adds per-head ``q_norm``/``k_norm`` before RoPE (Qwen3). By default it
+      is :class:`RMSNorm` when the config has ``qk_norm=True`` (the Qwen3 configs) and none otherwise.
+    * ``qkv_bias`` / ``o_bias`` override the config's bias flags (Qwen2: q/k/v bias; Qwen3: none).
     """
 
-    def __init__(self, config: QwenConfig, layer_idx: int = 0, mlp: nn.Module | None = None) -> None:
+    def __init__(self, config: QwenConfig, layer_idx: int = 0, mlp: nn.Module | None = None, *,
+                 qk_norm: type[RMSNorm] | None = None, qkv_bias: bool | None = None,
+                 o_bias: bool | None = None) -> None:
         super().__init__()
+        if qk_norm is None and getattr(config, "qk_norm", False):
+            qk_norm = RMSNorm
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(
             config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
-            qkv_bias=config.qkv_bias, o_bias=config.o_bias, layer_idx=layer_idx,
+            qkv_bias=config.qkv_bias if qkv_bias is None else qkv_bias,
+            o_bias=config.o_bias if o_bias is None else o_bias, layer_idx=layer_idx,
             attn_implementation=config.attn_implementation,
             logn_seq_length=config.seq_length if config.use_logn_attn else None,
+            qk_norm=qk_norm, norm_eps=config.rms_norm_eps,
         )
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = mlp if mlp is not None else MLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
