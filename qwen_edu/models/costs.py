@@ -56,10 +56,11 @@ def _attention_matmul(c: Any) -> int:
 
 
 def _attention_vectors(c: Any) -> int:
-    """Biases of one attention block plus the layer's two RMSNorm weights."""
+    """Biases of one attention block, its q/k norm weights (Qwen3: one ``[head_dim]`` vector each) and the
+    layer's two RMSNorm weights."""
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     return (q + 2 * kv) * bool(getattr(c, "qkv_bias", True)) + c.hidden_size * bool(getattr(c, "o_bias", False)) \
-        + 2 * c.hidden_size
+        + 2 * c.head_dim * bool(getattr(c, "qk_norm", False)) + 2 * c.hidden_size
 
 
 def _is_sparse(c: Any, layer: int) -> bool:

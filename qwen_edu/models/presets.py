@@ -40,6 +40,7 @@ class Preset:
     status: str = "unverified"  # "checked" | "rounded" | "unverified" | "tiny"
     source: str = ""  # where the shape and the figures come from
     published_activated: float | None = None  # MoE: activated parameters per token, billions, as published
+    published_non_embedding: float | None = None  # billions, where the card prints it (Qwen3)
 
 
 _V = 151936  # vocabulary rows of the small models
@@ -58,11 +59,23 @@ _Q15_7B_INDEX = ("Qwen1.5-7B model.safetensors.index.json total_size 15,442,649,
 _Q2_TABLE = "Qwen2 report, Table 1 (hidden size, layers, q/kv heads, intermediate size, tying); no counts printed"
 _Q25_CARD = "Qwen2.5 model card ('Number of Parameters')"
 _Q25_INDEX = "Qwen2.5 model.safetensors.index.json total_size, as quoted by third-party copies of the hub file"
+_QWEN3 = dict(model_type="qwen3", rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=40960, head_dim=128)
+_Q3_SRC = ("Qwen3 report, Tables 1-2 (layers, q/kv heads, tying, experts); hidden/intermediate widths and "
+           "head_dim 128 from copies of the hub config.json; Qwen3 model card ('Number of Parameters', total "
+           "and non-embedding), which the shapes reproduce")
 
 
 def _p(name: str, base: dict[str, Any], published: float | None, status: str = "unverified",
        exact: int | None = None, source: str = "", **values: Any) -> Preset:
     return Preset(name, {**base, **values}, published, exact, status, source)
+
+
+def _q3(name: str, published: float, non_embedding: float, status: str = "rounded", exact: int | None = None, *,
+        h: int, i: int, n: int, heads: int, tied: bool = False) -> Preset:
+    """A Qwen3 dense size: 8 KV heads of 128 features in every size, per the report's table."""
+    source = _Q3_SRC + ("; exact total: reference notes §6 (Qwen3-0.6B config checked by arithmetic)" if exact else "")
+    return Preset(name, {**_QWEN3, **_shape(h, i, n, heads, 8, tied=tied)}, published, exact, status, source,
+                  published_non_embedding=non_embedding)
 
 
 def _shape(h: int, i: int, n: int, heads: int, kv: int | None = None, vocab: int = _V, tied: bool = False,
@@ -129,6 +142,13 @@ _ALL = [
     _p("Qwen2.5-72B", _QWEN2, 72.7, "checked", exact=72_706_203_648,
        source=f"{_Q25_INDEX} (145,412,407,296 B); {_Q25_CARD}", max_position_embeddings=32768,
        **_shape(8192, 29568, 80, 64, 8, vocab=_V_BIG)),
+    # --- Qwen3 dense (QK-norm, no bias, head_dim 128; 32K native context, 40,960 positions) ------------
+    _q3("Qwen3-0.6B", 0.6, 0.44, "checked", 596_049_920, h=1024, i=3072, n=28, heads=16, tied=True),
+    _q3("Qwen3-1.7B", 1.7, 1.4, h=2048, i=6144, n=28, heads=16, tied=True),
+    _q3("Qwen3-4B", 4.0, 3.6, h=2560, i=9728, n=36, heads=32, tied=True),
+    _q3("Qwen3-8B", 8.2, 6.95, h=4096, i=12288, n=36, heads=32),
+    _q3("Qwen3-14B", 14.8, 13.2, h=5120, i=17408, n=40, heads=40),
+    _q3("Qwen3-32B", 32.8, 31.2, h=5120, i=25600, n=64, heads=64),
     # --- MoE presets follow (chapter 8) ----------------------------------------------------------------
     # model_type "qwen2_moe": preset() returns a Qwen2MoeConfig. published_activated is the "A" figure.
     Preset("Qwen1.5-MoE-A2.7B", dict(
@@ -145,6 +165,15 @@ _ALL = [
         published_activated=14.0,
         source="hub config.json (a third-party copy in TensorRT-LLM's tests); Qwen2 report: 57B total, "
                "14B activated, 64 routed experts (8 activated) plus 8 experts' worth of shared expert"),
+    # Qwen3-MoE: 128 routed experts, 8 per token, renormalised, no shared expert (chapter 11).
+    Preset("Qwen3-30B-A3B", dict(
+        _QWEN3, model_type="qwen3_moe", **_shape(2048, 6144, 48, 32, 4), num_experts=128, num_experts_per_tok=8,
+        moe_intermediate_size=768, norm_topk_prob=True, decoder_sparse_step=1), published_params=30.5,
+        published_activated=3.3, published_non_embedding=29.9, status="rounded", source=_Q3_SRC),
+    Preset("Qwen3-235B-A22B", dict(
+        _QWEN3, model_type="qwen3_moe", **_shape(4096, 12288, 94, 64, 4), num_experts=128, num_experts_per_tok=8,
+        moe_intermediate_size=1536, norm_topk_prob=True, decoder_sparse_step=1), published_params=235,
+        published_activated=22, published_non_embedding=234, status="rounded", source=_Q3_SRC),
 ]
 
 PRESETS: dict[str, Preset] = {p.name: p for p in _ALL}
@@ -156,12 +185,12 @@ def list_presets() -> list[str]:
 
 def dense_presets(family: str) -> list[str]:
     """Names of the published dense presets of one generation: ``"Qwen"``, ``"Qwen1.5"``, ``"Qwen2"``,
-    ``"Qwen2.5"`` (in size order, as listed)."""
+    ``"Qwen2.5"``, ``"Qwen3"`` (in size order, as listed)."""
     prefix = f"{family}-"
     names = [n for n, p in PRESETS.items() if n.startswith(prefix) and p.status != "tiny"
-             and p.values.get("model_type") in ("qwen", "qwen2") and n[len(prefix):][:1].isdigit()]
+             and p.values.get("model_type") in ("qwen", "qwen2", "qwen3") and n[len(prefix):][:1].isdigit()]
     if not names:
-        raise KeyError(f"no dense presets for {family!r}; families: Qwen, Qwen1.5, Qwen2, Qwen2.5")
+        raise KeyError(f"no dense presets for {family!r}; families: Qwen, Qwen1.5, Qwen2, Qwen2.5, Qwen3")
     return names
 
 
@@ -175,4 +204,12 @@ def preset(name: str, **overrides: Any) -> QwenConfig:
         from qwen_edu.models.qwen2_moe import Qwen2MoeConfig
 
         return Qwen2MoeConfig(**values)
+    if values.get("model_type") == "qwen3":
+        from qwen_edu.models.qwen3 import Qwen3Config
+
+        return Qwen3Config(**values)
+    if values.get("model_type") == "qwen3_moe":
+        from qwen_edu.models.qwen3_moe import Qwen3MoeConfig
+
+        return Qwen3MoeConfig(**values)
     return QwenConfig(**values)
