@@ -14,7 +14,7 @@ message, ``<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n`` is p
 generation prompt is ``<|im_start|>assistant\\n``. The Qwen2.5-Instruct template renders the same
 conversation the same way except for the default system text, :data:`QWEN25_SYSTEM_PROMPT`
 (``system_prompt=system_prompt_for("qwen2.5")``); its ``tools`` block is not reproduced here. Qwen3
-templates add ``<think>`` blocks; render those with the checkpoint's own template.
+drops the default system prompt and adds ``<think>`` blocks: :mod:`qwen_edu.tokenizer.qwen3_chat`.
 
 Control tokens: Qwen1.5, Qwen2 and Qwen2.5 share 151,643 regular tokens and the three control
 tokens right after them (:data:`CONTROL_TOKEN_IDS`): ``<|endoftext|>`` ends a document (and pads),
