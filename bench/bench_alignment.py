@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--preset", default="quick")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-specialists", action="store_true")
-    parser.add_argument("--specialist-steps", type=int, default=150)
+    parser.add_argument("--specialist-steps", type=int, default=150, help="continued pre-training and SFT steps")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -50,12 +50,13 @@ def main() -> None:
     if not args.skip_specialists:
         for domain in ("math", "code"):
             t = time.perf_counter()
-            _, metrics = train_specialist(base, tokenizer, domain, SpecialistConfig(steps=args.specialist_steps),
-                                          progress=False)
-            metrics.pop("history")
-            metrics["seconds"] = time.perf_counter() - t
-            report[f"{domain}_specialist"] = metrics
-            print(f"[{domain} specialist] " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+            config = SpecialistConfig(steps=args.specialist_steps, sft_steps=args.specialist_steps)
+            _, metrics = train_specialist(base, tokenizer, domain, config, progress=False)
+            by_stage = metrics["by_stage"]
+            report[f"{domain}_specialist"] = {"recipe": list(metrics["recipe"]), "by_stage": by_stage,
+                                              "seconds": time.perf_counter() - t}
+            for stage, measures in by_stage.items():
+                print(f"[{domain} specialist, {stage}] " + ", ".join(f"{k}={v:.3f}" for k, v in measures.items()))
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2))
 

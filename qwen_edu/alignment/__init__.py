@@ -9,7 +9,8 @@ The pieces, in the order the book builds them:
 - ``reward``: ``RewardModel`` (backbone + scalar head at the last token), ``bradley_terry_loss``.
 - ``ppo``: ``kl_penalty``, ``gae``, ``ppo_policy_loss``, ``ppo_value_loss``, ``ppo_step``, ``PPOTrainer``.
 - ``dpo``: ``dpo_loss``, cached reference log-probs, ``train_dpo``.
-- ``specialists``: continued pre-training into code and math specialists, with before/after measures.
+- ``specialists``: the report's recipes: Code-Qwen (continued pre-training) then Code-Qwen-Chat (SFT),
+  and Math-Qwen-Chat (math SFT on the base model), with before/after measures.
 - ``pipeline``: ``run_alignment_pipeline`` -- all of it on the base model, with timings.
 """
 
@@ -73,10 +74,16 @@ from qwen_edu.alignment.reward import (
 )
 from qwen_edu.alignment.sft import SFTConfig, evaluate_chat, train_sft
 from qwen_edu.alignment.specialists import (
+    SPECIALIST_NAMES,
+    SPECIALIST_RECIPES,
     SpecialistConfig,
     arithmetic_accuracy,
     arithmetic_problems,
+    code_conversations,
+    code_reply_ok,
     continue_pretraining,
+    math_conversations,
+    specialist_measures,
     text_loss,
     train_specialist,
 )
@@ -133,10 +140,16 @@ __all__ = [
     "evaluate_dpo",
     "reference_logprobs",
     "train_dpo",
+    "SPECIALIST_NAMES",
+    "SPECIALIST_RECIPES",
     "SpecialistConfig",
     "arithmetic_accuracy",
     "arithmetic_problems",
+    "code_conversations",
+    "code_reply_ok",
     "continue_pretraining",
+    "math_conversations",
+    "specialist_measures",
     "text_loss",
     "train_specialist",
     "PIPELINE_PRESETS",

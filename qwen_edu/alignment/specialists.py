@@ -1,20 +1,31 @@
-"""Specialists by continued pre-training: the base model, trained further on one domain.
+"""Code and math specialists, trained the way the Qwen report describes them.
 
-Qwen-Coder and Qwen-Math start from a Qwen base model and continue *pre-training* (plain next-token
-prediction, no chat format) on a large domain corpus before any alignment. Here the domains are
-the book's generated Python functions and arithmetic lines (:mod:`qwen_edu.corpus`). The gain is
-measured on held-out data of the domain:
+The Qwen report (Bai et al., 2023) builds two kinds of specialist from the base model, with
+different recipes (:data:`SPECIALIST_RECIPES`):
 
-* **math**: exact-match accuracy of greedy completions of ``"a op b ="`` (:func:`arithmetic_accuracy`),
-  with a few solved lines before it as context, the way such lines appear in the corpus;
-* **code**: the next-token loss on held-out functions (:func:`text_loss`).
+* **Code-Qwen** continues *pre-training* the base model on code (plain next-token prediction on a
+  large code corpus, no chat format); **Code-Qwen-Chat** is Code-Qwen after supervised fine-tuning
+  on code conversations. Recipe ``"code"``: continued pre-training, then SFT.
+* **Math-Qwen-Chat** is the base model after *math SFT*: supervised fine-tuning on math
+  conversations, with the loss on the assistant's replies only -- no continued pre-training.
+  Recipe ``"math"``: SFT only.
 
-A little replay of the general corpus (``replay_fraction`` of stories) limits forgetting; the story
-loss before and after shows what the specialisation costs.
+Here the domains are the book's generated Python functions and arithmetic (:mod:`qwen_edu.corpus`),
+and each stage is measured on held-out data:
+
+* **code**: the next-token loss on held-out functions (:func:`text_loss`; what continued
+  pre-training improves) and the share of held-out coding requests whose reply is a Python function
+  of the requested name and arguments (:func:`code_reply_ok`; what SFT adds);
+* **math**: the share of held-out arithmetic questions answered right in the chat format
+  (:func:`~qwen_edu.alignment.sft.evaluate_chat`), and, for the base model's kind of text, the
+  few-shot completion accuracy :func:`arithmetic_accuracy`;
+* both: the loss on ordinary stories, to see what specialising costs (forgetting). A little replay of
+  stories during continued pre-training (``replay_fraction``) limits it.
 """
 
 from __future__ import annotations
 
+import ast
 import copy
 import random
 from collections.abc import Callable, Sequence
@@ -25,22 +36,43 @@ import torch
 from torch import nn
 
 from qwen_edu.alignment.core import pad_id_of
-from qwen_edu.alignment.data import IGNORE_INDEX, pad_batch
+from qwen_edu.alignment.data import IGNORE_INDEX, SYSTEM_PROMPT, pad_batch
 
 __all__ = [
+    "SPECIALIST_RECIPES",
+    "SPECIALIST_NAMES",
     "SpecialistConfig",
     "arithmetic_problems",
     "arithmetic_accuracy",
     "text_loss",
     "continue_pretraining",
     "domain_corpus",
+    "code_conversations",
+    "math_conversations",
+    "code_reply_ok",
+    "code_chat_rate",
+    "specialist_measures",
     "train_specialist",
 ]
+
+#: The stages of each specialist, in order, as the Qwen report describes them.
+SPECIALIST_RECIPES: dict[str, tuple[str, ...]] = {
+    "code": ("continued_pretraining", "sft"),  # Code-Qwen, then Code-Qwen-Chat
+    "math": ("sft",),  # Math-Qwen-Chat: math SFT on the base model
+}
+
+#: The model each stage produces, named as in the report.
+SPECIALIST_NAMES: dict[str, tuple[str, ...]] = {
+    "code": ("Code-Qwen", "Code-Qwen-Chat"),
+    "math": ("Math-Qwen-Chat",),
+}
 
 
 @dataclass
 class SpecialistConfig:
-    steps: int = 150
+    """Sizes of the two stages (the book's choices, sized for a CPU; the report gives its own)."""
+
+    steps: int = 150  # continued pre-training steps (code)
     batch_size: int = 16
     seq_len: int = 128
     lr: float = 5e-4
@@ -51,6 +83,10 @@ class SpecialistConfig:
     num_documents: int = 1500
     precision: str = "auto"
     seed: int = 0
+    sft_steps: int = 150  # supervised fine-tuning steps (both recipes)
+    sft_batch_size: int = 16
+    sft_lr: float = 1e-3
+    num_conversations: int = 1000
 
 
 def _eos_id(tokenizer: Any) -> int:
@@ -165,40 +201,161 @@ def domain_corpus(domain: str, n: int, seed: int = 0, *, replay_fraction: float 
     return docs
 
 
-def train_specialist(base: nn.Module, tokenizer: Any, domain: str, config: SpecialistConfig | None = None, *,
-                     on_step: Callable[[dict[str, float]], None] | None = None, progress: bool = True,
-                     eval_size: int = 100) -> tuple[nn.Module, dict[str, Any]]:
-    """Copy ``base``, continue pre-training it on ``domain``, and measure before/after.
+def _system(system_prompt: str | None) -> list[dict[str, str]]:
+    return [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
 
-    Returns ``(specialist, metrics)``; metrics hold the domain measure (``arithmetic_accuracy`` for
-    math, ``code_loss`` for code) and ``story_loss`` (forgetting), each ``_before`` and ``_after``.
-    Held-out data use seeds the training data never uses.
+
+def _signature(source: str) -> tuple[str, list[str], str]:
+    """``(name, argument names, docstring)`` of the single function in ``source``."""
+    fn = ast.parse(source).body[0]
+    assert isinstance(fn, ast.FunctionDef)
+    return fn.name, [a.arg for a in fn.args.args], ast.get_docstring(fn) or ""
+
+
+def code_conversations(n: int, seed: int = 0, *, system_prompt: str | None = SYSTEM_PROMPT
+                       ) -> list[dict[str, Any]]:
+    """``n`` coding requests answered with a function from :func:`qwen_edu.corpus.generate_code`.
+
+    The user names the function, its arguments and what it does (its docstring); the reply is the
+    function's source. ``kind`` is ``"code"``; ``name`` and ``args`` say what a reply must define.
     """
+    from qwen_edu.corpus import generate_code
+
+    out = []
+    for source in generate_code(n, seed=seed):
+        name, args, doc = _signature(source)
+        request = f"Write a Python function {name}({', '.join(args)}). {doc}"
+        messages = [*_system(system_prompt), {"role": "user", "content": request},
+                    {"role": "assistant", "content": source.rstrip()}]
+        out.append({"messages": messages, "kind": "code", "answer": source.rstrip(), "name": name,
+                    "args": args})
+    return out
+
+
+def math_conversations(n: int, seed: int = 0, *, max_value: int = 20,
+                       system_prompt: str | None = SYSTEM_PROMPT) -> list[dict[str, Any]]:
+    """``n`` arithmetic questions and their answers, the ``"math"`` conversations of chapter 5 only."""
+    from qwen_edu.alignment.data import _math
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        question, answer, _ = _math(rng, max_value)
+        messages = [*_system(system_prompt), {"role": "user", "content": question},
+                    {"role": "assistant", "content": answer}]
+        out.append({"messages": messages, "kind": "math", "answer": answer})
+    return out
+
+
+def code_reply_ok(reply: str, name: str, args: Sequence[str]) -> bool:
+    """Does ``reply`` parse as Python and define ``name`` with exactly the arguments ``args``?
+
+    The reply is parsed (:func:`ast.parse`), never executed.
+    """
+    try:
+        tree = ast.parse(reply)
+    except (SyntaxError, ValueError):
+        return False
+    return any(isinstance(node, ast.FunctionDef) and node.name == name
+               and [a.arg for a in node.args.args] == list(args) for node in tree.body)
+
+
+@torch.no_grad()
+def code_chat_rate(model: nn.Module, tokenizer: Any, conversations: Sequence[dict[str, Any]], *,
+                   max_new_tokens: int = 96, batch_size: int = 32,
+                   system_prompt: str | None = SYSTEM_PROMPT) -> float:
+    """Share of coding requests whose greedy reply stops and passes :func:`code_reply_ok`."""
+    from qwen_edu.alignment.core import generate_responses
+    from qwen_edu.alignment.data import encode_prompt, im_end_id
+
+    pad, stop = pad_id_of(tokenizer), im_end_id(tokenizer)
+    ok = 0
+    for start in range(0, len(conversations), batch_size):
+        chunk = conversations[start:start + batch_size]
+        ids = [encode_prompt(tokenizer, c["messages"][:-1], system_prompt) for c in chunk]
+        resp = generate_responses(model, ids, pad_id=pad, stop_id=stop, max_new_tokens=max_new_tokens)
+        for c, reply, done in zip(chunk, resp.texts(tokenizer), resp.finished.tolist()):
+            ok += bool(done) and code_reply_ok(reply, c["name"], c["args"])
+    return ok / max(1, len(conversations))
+
+
+def _prompts(conversations: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"prompt": c["messages"][:-1], "kind": c["kind"], "answer": c["answer"]} for c in conversations]
+
+
+def specialist_measures(model: nn.Module, tokenizer: Any, domain: str, *, eval_size: int = 100
+                        ) -> dict[str, float]:
+    """The held-out measures of ``domain`` for ``model`` (any model: base, chat or specialist).
+
+    ``"code"``: ``code_loss`` (nats per token on ``eval_size`` held-out functions, plain text) and
+    ``code_chat_rate`` (:func:`code_chat_rate` on ``eval_size // 4`` held-out requests);
+    ``"math"``: ``math_accuracy`` and ``format_rate`` on ``eval_size`` held-out arithmetic questions
+    (:func:`~qwen_edu.alignment.sft.evaluate_chat`); both: ``story_loss`` on ``eval_size // 2``
+    held-out stories (what specialising costs). The held-out seeds are never used for training.
+    """
+    from qwen_edu.alignment.sft import evaluate_chat
     from qwen_edu.corpus import generate_code, generate_stories
 
+    if domain not in SPECIALIST_RECIPES:
+        raise ValueError(f"unknown specialist domain {domain!r}; expected one of {sorted(SPECIALIST_RECIPES)}")
+    stories = generate_stories(eval_size // 2, seed=10_007)
+    if domain == "code":
+        out = {"code_loss": text_loss(model, tokenizer, generate_code(eval_size, seed=10_009)),
+               "code_chat_rate": code_chat_rate(model, tokenizer,
+                                                code_conversations(max(1, eval_size // 4), seed=10_011))}
+    else:
+        chat = evaluate_chat(model, tokenizer, _prompts(math_conversations(eval_size, seed=10_009)),
+                             max_new_tokens=16)
+        out = {"math_accuracy": chat["accuracy"], "format_rate": chat["format_rate"]}
+    out["story_loss"] = text_loss(model, tokenizer, stories)
+    return out
+
+
+def train_specialist(base: nn.Module, tokenizer: Any, domain: str, config: SpecialistConfig | None = None, *,
+                     on_step: Callable[[dict[str, Any]], None] | None = None, progress: bool = True,
+                     eval_size: int = 100) -> tuple[nn.Module, dict[str, Any]]:
+    """Copy ``base`` and run the stages of ``SPECIALIST_RECIPES[domain]`` on it, measuring each.
+
+    ``"code"``: continued pre-training on code documents (Code-Qwen), then SFT on coding requests
+    (Code-Qwen-Chat). ``"math"``: SFT on arithmetic conversations (Math-Qwen-Chat). Returns
+    ``(specialist, metrics)``: ``metrics["by_stage"]`` maps ``"base"`` and each stage to its
+    :func:`specialist_measures`, ``<measure>_before``/``_after`` compare the base model with the
+    specialist, and ``metrics["history"]`` holds each stage's training log. ``on_step`` gets every
+    step's record with its ``"stage"``.
+    """
+    from qwen_edu.alignment.sft import SFTConfig, train_sft
+
+    if domain not in SPECIALIST_RECIPES:
+        raise ValueError(f"unknown specialist domain {domain!r}; expected one of {sorted(SPECIALIST_RECIPES)}")
     config = config or SpecialistConfig()
     model = copy.deepcopy(base)
     for p in model.parameters():
         p.requires_grad_(True)
-    stories = generate_stories(eval_size // 2, seed=10_007)
-    if domain == "math":
-        problems = arithmetic_problems(eval_size, seed=10_009)
+    make = code_conversations if domain == "code" else math_conversations
+    conversations = make(config.num_conversations, seed=config.seed)
 
-        def measure() -> dict[str, float]:
-            return {"arithmetic_accuracy": float(arithmetic_accuracy(model, tokenizer, problems)),
-                    "story_loss": text_loss(model, tokenizer, stories)}
-    elif domain == "code":
-        functions = generate_code(eval_size, seed=10_009)
+    def log(stage: str) -> Callable[[dict[str, Any]], None] | None:
+        return None if on_step is None else (lambda record: on_step({"stage": stage, **record}))
 
-        def measure() -> dict[str, float]:
-            return {"code_loss": text_loss(model, tokenizer, functions), "story_loss": text_loss(model, tokenizer, stories)}
-    else:
-        raise ValueError(f"unknown specialist domain {domain!r}; expected 'code' or 'math'")
-    before = measure()
-    docs = domain_corpus(domain, config.num_documents, config.seed, replay_fraction=config.replay_fraction)
-    history = continue_pretraining(model, tokenizer, docs, config, on_step=on_step, progress=progress)
-    after = measure()
-    metrics: dict[str, Any] = {f"{k}_before": v for k, v in before.items()}
-    metrics.update({f"{k}_after": v for k, v in after.items()})
-    metrics["history"] = history
+    by_stage = {"base": specialist_measures(model, tokenizer, domain, eval_size=eval_size)}
+    history: dict[str, list[dict[str, float]]] = {}
+    for stage in SPECIALIST_RECIPES[domain]:
+        if stage == "continued_pretraining":
+            docs = domain_corpus(domain, config.num_documents, config.seed, replay_fraction=config.replay_fraction)
+            history[stage] = continue_pretraining(model, tokenizer, docs, config, on_step=log(stage),
+                                                  progress=progress)
+        else:
+            longest = max(len(tokenizer.apply_chat_template(c["messages"]).ids) for c in conversations)
+            sft = SFTConfig(steps=config.sft_steps, batch_size=config.sft_batch_size, lr=config.sft_lr,
+                            warmup_steps=config.warmup_steps, max_length=longest, precision=config.precision,
+                            seed=config.seed)
+            history[stage] = train_sft(model, tokenizer, conversations, sft, on_step=log(stage), progress=progress)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        by_stage[stage] = specialist_measures(model, tokenizer, domain, eval_size=eval_size)
+    last = by_stage[SPECIALIST_RECIPES[domain][-1]]
+    metrics: dict[str, Any] = {"recipe": SPECIALIST_RECIPES[domain], "names": SPECIALIST_NAMES[domain],
+                               "by_stage": by_stage, "history": history}
+    metrics.update({f"{k}_before": v for k, v in by_stage["base"].items()})
+    metrics.update({f"{k}_after": v for k, v in last.items()})
     return model, metrics
