@@ -14,6 +14,9 @@ Because every micro-batch is weighted by its share of the step's targets, accumu
 micro-batches of 8 gives the same gradient as one batch of 32 -- also when the micro-batches hold
 different numbers of targets (padding), where averaging per-micro-batch means would be wrong.
 
+MoE models can add the load-balancing loss (``TrainConfig.load_balancing``): per micro-batch, or
+with the expert counts of the whole global batch (:mod:`qwen_edu.training.load_balancing`).
+
 A checkpoint holds the model, optimizer, scheduler, gradient scaler, step, RNG states and the
 training config. The data position is the step itself, so a resumed run continues with exactly
 the batches, learning rates and random numbers the uninterrupted run would have used, and gives
@@ -40,6 +43,7 @@ from torch import nn
 
 from qwen_edu.training.data import PackedDataset, StepBatchSampler, _identity, check_batch_geometry
 from qwen_edu.training.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, wrap_model
+from qwen_edu.training.load_balancing import BALANCING_MODES, LoadBalancer
 from qwen_edu.training.loss import causal_lm_loss, count_targets
 from qwen_edu.training.optim import make_optimizer, make_scheduler
 
@@ -60,6 +64,8 @@ class TrainConfig:
 
     ``batch_size`` is the *global* number of sequences per optimizer step; it must be a multiple of
     ``micro_batch_size * world_size``, and the quotient is the number of accumulation steps.
+    ``load_balancing`` (MoE models) is one of :data:`~qwen_edu.training.load_balancing.BALANCING_MODES`;
+    ``aux_loss_coef=None`` takes the model config's ``router_aux_loss_coef``.
     """
 
     max_steps: int = 1000
@@ -85,6 +91,8 @@ class TrainConfig:
     num_threads: int | None = None  # torch.set_num_threads on CPU
     progress: bool = True
     num_workers: int = 0
+    load_balancing: str = "none"  # "none", "micro_batch", "global_batch", "global_batch_exact"
+    aux_loss_coef: float | None = None
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
@@ -96,6 +104,8 @@ class TrainConfig:
             raise ValueError(f"precision must be auto/fp32/bf16/fp16, got {self.precision!r}")
         if self.parallel not in ("none", "ddp", "fsdp"):
             raise ValueError(f"parallel must be none/ddp/fsdp, got {self.parallel!r}")
+        if self.load_balancing not in BALANCING_MODES:
+            raise ValueError(f"load_balancing must be one of {BALANCING_MODES}, got {self.load_balancing!r}")
         check_batch_geometry(self.batch_size, self.micro_batch_size, 1)
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,9 +132,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 @torch.no_grad()
 def init_weights(model: nn.Module, std: float = 0.02, seed: int | None = None) -> nn.Module:
-    """Hugging Face's Qwen2 initialisation: ``N(0, std)`` for linear and embedding weights, zero biases,
-    RMSNorm gains at 1. (PyTorch's own defaults -- uniform Kaiming, ``N(0, 1)`` embeddings -- give a
-    much larger initial loss for a language model.)"""
+    """Hugging Face's Qwen2 initialisation: ``N(0, std)`` for linear and embedding weights (and MoE expert
+    and router matrices), zero biases, RMSNorm gains at 1. (PyTorch's own defaults -- uniform Kaiming,
+    ``N(0, 1)`` embeddings -- give a much larger initial loss for a language model.)"""
     if seed is not None:
         torch.manual_seed(seed)
     for module in model.modules():
@@ -136,6 +146,9 @@ def init_weights(model: nn.Module, std: float = 0.02, seed: int | None = None) -
             module.weight.normal_(0.0, std)
         elif type(module).__name__.endswith("RMSNorm"):
             module.weight.fill_(1.0)
+        elif type(module).__name__ in ("Experts", "TopKRouter"):  # MoE: fused expert matrices, the router
+            for param in module.parameters(recurse=False):
+                param.normal_(0.0, std)
     return model
 
 
@@ -160,6 +173,7 @@ class StepRecord:
     tokens: int  # targets seen so far (global)
     tokens_per_s: float
     val_loss: float | None = None
+    aux_loss: float | None = None  # mean load-balancing loss of the step's micro-batches (MoE runs)
 
 
 @dataclass
@@ -224,9 +238,24 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, warmup_steps=config.warmup_steps,
                                         total_steps=config.max_steps, min_lr_ratio=config.min_lr / config.lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.balancer, self.aux_loss_coef = self._make_balancer(config)
+        self.last_aux_loss: float | None = None
         self.step = 0
         self.tokens_seen = 0
         self.result = TrainResult()
+
+    def _make_balancer(self, config: TrainConfig) -> tuple[LoadBalancer | None, float]:
+        if config.load_balancing == "none":
+            return None, 0.0
+        model_config = getattr(self.raw_model, "config", None)
+        top_k = getattr(model_config, "num_experts_per_tok", None)
+        if top_k is None or not callable(getattr(self.raw_model, "sparse_blocks", None)):
+            raise ValueError(f"load_balancing={config.load_balancing!r} needs an MoE model (router logits); "
+                             f"{type(self.raw_model).__name__} has none")
+        coef = config.aux_loss_coef
+        if coef is None:
+            coef = float(getattr(model_config, "router_aux_loss_coef", 0.001))
+        return LoadBalancer(config.load_balancing, top_k), coef
 
     # ---- one step ------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -236,11 +265,32 @@ class Trainer:
 
     def forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(summed loss, number of targets)`` of one micro-batch."""
+        loss_sum, targets, _ = self._forward(batch)
+        return loss_sum, targets
+
+    def _forward(self, batch: dict[str, torch.Tensor], router: bool = False, model: nn.Module | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """``(summed loss, targets, router logits per MoE layer or None)`` of one micro-batch."""
         input_ids = batch["input_ids"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
+        kwargs = {"output_router_logits": True} if router else {}
         with self._autocast():
-            logits = self.model(input_ids=input_ids).logits
-        return causal_lm_loss(logits, labels, reduction="sum"), count_targets(labels)
+            out = (model or self.model)(input_ids=input_ids, **kwargs)
+        return causal_lm_loss(out.logits, labels, reduction="sum"), count_targets(labels), \
+            getattr(out, "router_logits", None)
+
+    @torch.no_grad()
+    def _count_experts(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's expert counts over all micro-batches and ranks: a gradient-free pass (exact mode)."""
+        assert self.balancer is not None
+        counts = rows = None
+        for batch in micro_batches:
+            _, _, router_logits = self._forward(batch, router=True, model=self.raw_model)
+            assert router_logits is not None
+            c, r = self.balancer.count(router_logits)
+            counts, rows = (c, r) if counts is None else (counts + c, rows + r)
+        assert counts is not None and rows is not None
+        return counts, rows
 
     def _sampler(self, start_step: int) -> StepBatchSampler:
         return StepBatchSampler(len(self.train_data), self.config.batch_size, self.config.micro_batch_size,
@@ -257,14 +307,28 @@ class Trainer:
             raise ValueError(f"step {self.step}: the global batch has no targets (all labels are -100)")
         scale = self.info.world_size / global_targets
         loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
+        aux_total = torch.zeros((), dtype=torch.float64, device=self.device)
         is_ddp = self.config.parallel == "ddp"
+        balancer = self.balancer
+        if balancer is not None:
+            balancer.begin_step(*(self._count_experts(micro_batches) if balancer.mode == "global_batch_exact"
+                                  else (None, None)))
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             sync = contextlib.nullcontext() if (last or not is_ddp) else self.model.no_sync()
             with sync:
-                loss_sum, _ = self.forward_loss(batch)
-                self.scaler.scale(loss_sum * scale).backward()
+                loss_sum, _, router_logits = self._forward(batch, router=balancer is not None)
+                objective = loss_sum * scale
+                if balancer is not None:
+                    assert router_logits is not None
+                    aux = balancer.loss(router_logits)
+                    objective = objective + aux * (self.aux_loss_coef / len(micro_batches))
+                    aux_total += aux.detach().double()
+                self.scaler.scale(objective).backward()
             loss_total += loss_sum.detach().double()
+        if balancer is not None:
+            micro_total = len(micro_batches) * self.info.world_size
+            self.last_aux_loss = all_reduce_sum(aux_total).item() / micro_total
         self.scaler.unscale_(self.optimizer)
         grad_norm = self._clip_gradients()
         self.scaler.step(self.optimizer)
@@ -344,7 +408,8 @@ class Trainer:
                 tokens_before = self.tokens_seen
                 loss, grad_norm = self.train_step(micro)
                 tps = (self.tokens_seen - tokens_before) / max(time.perf_counter() - t0, 1e-9)
-                record = StepRecord(self.step, loss, lr, grad_norm, self.tokens_seen, tps)
+                record = StepRecord(self.step, loss, lr, grad_norm, self.tokens_seen, tps,
+                                    aux_loss=self.last_aux_loss)
                 self.result.history.append(record)
                 if self.on_step is not None and self.info.is_main:
                     self.on_step(self.step, loss, lr)
@@ -356,6 +421,8 @@ class Trainer:
                         self.on_eval(self.step, record.val_loss)
                 if bar is not None:
                     post = {"loss": f"{loss:.3f}", "lr": f"{lr:.2e}", "tok/s": f"{tps:,.0f}"}
+                    if self.last_aux_loss is not None:
+                        post["aux"] = f"{self.last_aux_loss:.3f}"
                     if self.result.val_history:
                         post["val"] = f"{self.result.val_history[-1][1]:.3f}"
                     bar.set_postfix(post, refresh=False)
