@@ -6,7 +6,8 @@ The pieces, in the order the book builds them:
 - ``core``: ``sequence_logprobs``, masked statistics, ``generate_responses``, the reference-model check,
   the exact per-token KL (``kl_from_logits``, ``reply_kl``).
 - ``sft``: ``train_sft`` (assistant-only next-token loss), ``evaluate_chat`` (format-following rate).
-- ``reward``: ``RewardModel`` (backbone + scalar head at the last token), ``bradley_terry_loss``.
+- ``reward``: ``RewardModel`` (backbone + scalar head at the last token), ``bradley_terry_loss``,
+  optional preference-model pre-training (PMP).
 - ``ppo``: ``kl_penalty``, ``gae``, ``ppo_policy_loss``, ``ppo_value_loss``, ``ppo_step``, ``PPOTrainer``.
 - ``dpo``: ``dpo_loss``, cached reference log-probs, ``train_dpo``.
 - ``specialists``: the report's recipes: Code-Qwen (continued pre-training) then Code-Qwen-Chat (SFT),
@@ -35,8 +36,10 @@ from qwen_edu.alignment.data import (
     encode_pair,
     encode_prompt,
     encode_sft,
+    encode_text_pair,
     make_comparisons,
     make_conversations,
+    make_pmp_pairs,
     make_prompts,
     pad_batch,
     sft_labels,
@@ -69,6 +72,7 @@ from qwen_edu.alignment.reward import (
     ValueModel,
     bradley_terry_loss,
     evaluate_reward_model,
+    evaluate_text_pairs,
     last_token_index,
     train_reward_model,
 )
@@ -107,8 +111,10 @@ __all__ = [
     "encode_pair",
     "encode_prompt",
     "encode_sft",
+    "encode_text_pair",
     "make_comparisons",
     "make_conversations",
+    "make_pmp_pairs",
     "make_prompts",
     "pad_batch",
     "sft_labels",
@@ -124,6 +130,7 @@ __all__ = [
     "last_token_index",
     "train_reward_model",
     "evaluate_reward_model",
+    "evaluate_text_pairs",
     "PPOConfig",
     "PPOTrainer",
     "Rollout",

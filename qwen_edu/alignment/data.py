@@ -9,6 +9,9 @@ Everything is generated from rules (no downloads), in the world of the base mode
 * :func:`make_comparisons` -- preference pairs ``{"prompt": messages, "chosen": str, "rejected": str}``
   whose preference is *measurable*: the chosen reply is the correct sum, the right name, the polite
   answer; the rejected one is a wrong sum, the wrong name, a rude answer.
+* :func:`make_pmp_pairs` -- plain-text comparisons mined from the pre-training corpus without any
+  labelling (the true next sentence of a story against one from another story, a right sum against a
+  wrong one, a function's own body against another's): data for preference-model pre-training.
 
 Tensors:
 
@@ -36,6 +39,7 @@ __all__ = [
     "SYSTEM_PROMPT",
     "make_conversations",
     "make_comparisons",
+    "make_pmp_pairs",
     "make_prompts",
     "validate_conversation",
     "validate_pair",
@@ -44,6 +48,7 @@ __all__ = [
     "pad_batch",
     "encode_prompt",
     "encode_pair",
+    "encode_text_pair",
     "collate_pairs",
     "check_answer",
     "parse_number",
@@ -196,6 +201,49 @@ def make_comparisons(n: int, seed: int = 0, *, max_value: int = 20,
                 "rejected": rejected, "kind": kind}
         validate_pair(pair)
         out.append(pair)
+    return out
+
+
+def _sentences(text: str) -> list[str]:
+    """Rough sentence split (PMP data may be noisy): at ". ", keeping each sentence's full stop."""
+    parts = [p.strip() for p in text.replace("\n", " ").split(". ") if p.strip(" .")]
+    return [p if p.endswith((".", "!", "?", '"')) else p + "." for p in parts]
+
+
+def make_pmp_pairs(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` plain-text comparisons ``{"context", "chosen", "rejected", "kind"}`` from the corpus.
+
+    Preference-model pre-training (PMP) needs many comparisons, cheaper and noisier than the
+    curated ones the reward model is fine-tuned on. These are made from the pre-training corpus's
+    generators (:mod:`qwen_edu.corpus`) with no labelling at all:
+
+    * ``story``: the start of a story; chosen = its next sentence, rejected = a sentence from
+      another story (usually about other characters);
+    * ``math``: ``"a op b ="``; chosen = the right result, rejected = a wrong one;
+    * ``code``: a function's first line and docstring; chosen = its own body, rejected = the body of
+      a different function.
+    """
+    from qwen_edu.corpus import arithmetic_line, code_function, generate_story
+
+    rng = random.Random(seed)
+    out: list[dict[str, Any]] = []
+    while len(out) < n:
+        kind = rng.choice(["story", "story", "math", "code"])
+        if kind == "story":
+            own, other = _sentences(generate_story(rng)), _sentences(generate_story(rng))
+            k = rng.randint(1, len(own) - 1)
+            context, chosen, rejected = " ".join(own[:k]), " " + own[k], " " + rng.choice(other)
+        elif kind == "math":
+            line = arithmetic_line(rng)
+            left, right = line.rsplit("=", 1)
+            value = int(right)
+            context, chosen, rejected = left + "=", f" {value}", f" {_wrong_number(rng, value)}"
+        else:
+            own, other = code_function(rng), code_function(rng)
+            cut, other_cut = own.index('"""\n') + 4, other.index('"""\n') + 4  # after the docstring
+            context, chosen, rejected = own[:cut], own[cut:], other[other_cut:]
+        if chosen.strip() != rejected.strip():
+            out.append({"context": context, "chosen": chosen, "rejected": rejected, "kind": kind})
     return out
 
 
@@ -360,6 +408,24 @@ def encode_pair(tokenizer: Any, pair: Mapping[str, Any], *, system_prompt: str |
         last = max(i for i, m in enumerate(mask) if m)  # the closing <|im_end|>; drop the trailing "\n"
         out[f"{key}_ids"] = ids[: last + 1]
         out[f"{key}_response_mask"] = mask[: last + 1]
+    return out
+
+
+def encode_text_pair(tokenizer: Any, pair: Mapping[str, str]) -> dict[str, list[int]]:
+    """A plain-text comparison (:func:`make_pmp_pairs`) -> the layout of :func:`encode_pair`.
+
+    ``context + reply`` as plain text (no chat format): the context and the reply are encoded
+    separately and concatenated, so ``*_response_mask`` marks exactly the reply's tokens.
+    """
+    for key in ("context", "chosen", "rejected"):
+        if not isinstance(pair.get(key), str) or (key != "context" and not pair[key].strip()):
+            raise ValueError(f"text comparison needs a non-empty string {key!r} (keys: {sorted(pair)})")
+    context = list(tokenizer.encode(pair["context"]))
+    out: dict[str, list[int]] = {}
+    for key in ("chosen", "rejected"):
+        reply = list(tokenizer.encode(pair[key]))
+        out[f"{key}_ids"] = context + reply
+        out[f"{key}_response_mask"] = [0] * len(context) + [1] * len(reply)
     return out
 
 

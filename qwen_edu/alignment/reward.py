@@ -10,6 +10,15 @@ Training uses the Bradley-Terry model of pairwise preferences (Bradley and Terry
 matter; the scale is anchored by the data.
 
 :class:`ValueModel` is the same construction read at *every* position (PPO's critic).
+
+**Preference-model pre-training (PMP).** Qwen's reward model (Bai et al., 2023) starts from the
+*pretrained* model of the same size, is first trained on a large set of comparisons (PMP, after
+Anthropic's preference-model pre-training), and is then fine-tuned on fewer, higher-quality
+preference labels. ``RewardConfig(pmp_steps=N)`` switches that first stage on: N Bradley-Terry steps
+on plain-text comparisons mined from the pre-training corpus
+(:func:`~qwen_edu.alignment.data.make_pmp_pairs`), then the fine-tuning on the chat pairs. The
+book's default is ``pmp_steps=0`` on a reward model initialised from the *SFT* model (InstructGPT's
+choice): see :func:`train_reward_model`.
 """
 
 from __future__ import annotations
@@ -27,7 +36,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen_edu.alignment.core import pad_id_of
-from qwen_edu.alignment.data import SYSTEM_PROMPT, collate_pairs, encode_pair
+from qwen_edu.alignment.data import (
+    SYSTEM_PROMPT,
+    collate_pairs,
+    encode_pair,
+    encode_text_pair,
+    make_pmp_pairs,
+)
 from qwen_edu.alignment.sft import progress_bar
 from qwen_edu.generation import left_padded_positions
 from qwen_edu.models import Qwen2ForCausalLM, Qwen2Model
@@ -41,6 +56,7 @@ __all__ = [
     "RewardConfig",
     "train_reward_model",
     "evaluate_reward_model",
+    "evaluate_text_pairs",
 ]
 
 
@@ -138,12 +154,15 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin:
 
 @dataclass
 class RewardConfig:
-    steps: int = 100
+    steps: int = 100  # fine-tuning steps on the preference pairs
     batch_size: int = 16
     lr: float = 5e-4
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
+    pmp_steps: int = 0  # preference-model pre-training steps before fine-tuning (0: no PMP, the book's default)
+    pmp_lr: float | None = None  # None: lr
+    pmp_num_pairs: int = 4000  # PMP comparisons generated when none are given
 
 
 def _pair_batches(encoded: Sequence[Mapping[str, list[int]]], batch_size: int, pad_id: int, seed: int):
@@ -158,25 +177,20 @@ def _pair_batches(encoded: Sequence[Mapping[str, list[int]]], batch_size: int, p
         yield collate_pairs([encoded[i] for i in rows], pad_id)
 
 
-def train_reward_model(model: RewardModel, tokenizer: Any, pairs: Sequence[Mapping[str, Any]],
-                       config: RewardConfig | None = None, *,
-                       on_step: Callable[[dict[str, float]], None] | None = None, progress: bool = True,
-                       system_prompt: str | None = SYSTEM_PROMPT) -> list[dict[str, float]]:
-    """Train ``model`` in place with the Bradley-Terry loss; returns per-step ``loss/accuracy/margin``."""
+def _bradley_terry_steps(model: RewardModel, encoded: Sequence[Mapping[str, list[int]]], pad_id: int, *,
+                         steps: int, lr: float, config: RewardConfig, stage: str,
+                         on_step: Callable[[dict[str, Any]], None] | None, progress: bool) -> list[dict[str, Any]]:
+    """``steps`` AdamW steps (warm-up + cosine) of the Bradley-Terry loss over shuffled ``encoded`` pairs."""
     from qwen_edu.training.optim import make_optimizer, make_scheduler
 
-    config = config or RewardConfig()
-    encoded = [encode_pair(tokenizer, p, system_prompt=system_prompt) for p in pairs]
-    if not encoded:
-        raise ValueError("no comparison pairs to train on")
     device = next(model.parameters()).device
-    optimizer = make_optimizer(model, config.lr, config.weight_decay)
-    scheduler = make_scheduler(optimizer, warmup_steps=min(10, config.steps // 10), total_steps=config.steps)
-    batches = _pair_batches(encoded, config.batch_size, pad_id_of(tokenizer), config.seed)
+    optimizer = make_optimizer(model, lr, config.weight_decay)
+    scheduler = make_scheduler(optimizer, warmup_steps=min(10, steps // 10), total_steps=steps)
+    batches = _pair_batches(encoded, config.batch_size, pad_id, config.seed)
     history = []
-    bar = progress_bar(config.steps, "reward model", progress)
+    bar = progress_bar(steps, "reward model" if stage == "finetune" else "PMP", progress)
     model.train()
-    for step in range(config.steps):
+    for step in range(steps):
         batch = next(batches)
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         rewards = model(ids, mask)
@@ -187,7 +201,7 @@ def train_reward_model(model: RewardModel, tokenizer: Any, pairs: Sequence[Mappi
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
         scheduler.step()
-        record = {"step": step, "loss": float(loss.detach()), **stats}
+        record = {"step": step, "stage": stage, "loss": float(loss.detach()), **stats}
         history.append(record)
         if on_step is not None:
             on_step(record)
@@ -198,25 +212,73 @@ def train_reward_model(model: RewardModel, tokenizer: Any, pairs: Sequence[Mappi
     return history
 
 
+def train_reward_model(model: RewardModel, tokenizer: Any, pairs: Sequence[Mapping[str, Any]],
+                       config: RewardConfig | None = None, *,
+                       on_step: Callable[[dict[str, Any]], None] | None = None, progress: bool = True,
+                       system_prompt: str | None = SYSTEM_PROMPT,
+                       pmp_pairs: Sequence[Mapping[str, str]] | None = None) -> list[dict[str, Any]]:
+    """Train ``model`` in place with the Bradley-Terry loss; returns per-step ``loss/accuracy/margin``.
+
+    With ``config.pmp_steps > 0`` a preference-model pre-training stage comes first: that many steps
+    on ``pmp_pairs`` (plain-text comparisons; default ``make_pmp_pairs(config.pmp_num_pairs)``) at
+    ``config.pmp_lr``, then ``config.steps`` fine-tuning steps on the chat ``pairs``. Each record
+    says its ``stage`` (``"pmp"`` or ``"finetune"``).
+
+    Where the reward model starts is the caller's choice. Qwen starts from the pretrained model and
+    uses PMP (Bai et al., 2023); the book's chapters start from the SFT model without PMP: its
+    preference data are in the chat format the SFT model already reads, and one short stage fits the
+    time budget.
+    """
+    config = config or RewardConfig()
+    encoded = [encode_pair(tokenizer, p, system_prompt=system_prompt) for p in pairs]
+    if not encoded:
+        raise ValueError("no comparison pairs to train on")
+    pad = pad_id_of(tokenizer)
+    history: list[dict[str, Any]] = []
+    if config.pmp_steps > 0:
+        if pmp_pairs is None:
+            pmp_pairs = make_pmp_pairs(config.pmp_num_pairs, seed=config.seed + 7)
+        pmp_encoded = [encode_text_pair(tokenizer, p) for p in pmp_pairs]
+        if not pmp_encoded:
+            raise ValueError("pmp_steps > 0 but there are no PMP comparison pairs")
+        history += _bradley_terry_steps(model, pmp_encoded, pad, steps=config.pmp_steps,
+                                        lr=config.pmp_lr if config.pmp_lr is not None else config.lr,
+                                        config=config, stage="pmp", on_step=on_step, progress=progress)
+    history += _bradley_terry_steps(model, encoded, pad, steps=config.steps, lr=config.lr, config=config,
+                                    stage="finetune", on_step=on_step, progress=progress)
+    return history
+
+
 @torch.no_grad()
-def evaluate_reward_model(model: RewardModel, tokenizer: Any, pairs: Sequence[Mapping[str, Any]], *,
-                          batch_size: int = 64, system_prompt: str | None = SYSTEM_PROMPT) -> dict[str, Any]:
-    """Held-out pairwise accuracy (``r_chosen > r_rejected``), mean loss and margin, per kind too."""
+def evaluate_text_pairs(model: RewardModel, tokenizer: Any, pairs: Sequence[Mapping[str, str]], *,
+                        batch_size: int = 64) -> dict[str, Any]:
+    """Held-out accuracy of the reward model on plain-text (PMP) comparisons, overall and per kind."""
+    return _pair_accuracy(model, [encode_text_pair(tokenizer, p) for p in pairs], pad_id_of(tokenizer),
+                          [p.get("kind", "all") for p in pairs], batch_size)
+
+
+def _pair_accuracy(model: RewardModel, encoded: Sequence[Mapping[str, list[int]]], pad: int,
+                   kinds: Sequence[str], batch_size: int) -> dict[str, Any]:
     model.eval()
     device = next(model.parameters()).device
-    pad = pad_id_of(tokenizer)
     diffs = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = [encode_pair(tokenizer, p, system_prompt=system_prompt) for p in pairs[start:start + batch_size]]
-        batch = collate_pairs(chunk, pad)
+    for start in range(0, len(encoded), batch_size):
+        batch = collate_pairs(encoded[start:start + batch_size], pad)
         rewards = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
         r_c, r_r = rewards.chunk(2)
         diffs.append((r_c - r_r).cpu())
     diff = torch.cat(diffs)
     out: dict[str, Any] = {"accuracy": float((diff > 0).float().mean()), "loss": float(-F.logsigmoid(diff).mean()),
                            "margin": float(diff.mean())}
-    kinds = [p.get("kind", "all") for p in pairs]
     for kind in sorted(set(kinds)):
         sel = torch.tensor([k == kind for k in kinds])
         out[f"accuracy_{kind}"] = float((diff[sel] > 0).float().mean())
     return out
+
+
+@torch.no_grad()
+def evaluate_reward_model(model: RewardModel, tokenizer: Any, pairs: Sequence[Mapping[str, Any]], *,
+                          batch_size: int = 64, system_prompt: str | None = SYSTEM_PROMPT) -> dict[str, Any]:
+    """Held-out pairwise accuracy (``r_chosen > r_rejected``), mean loss and margin, per kind too."""
+    encoded = [encode_pair(tokenizer, p, system_prompt=system_prompt) for p in pairs]
+    return _pair_accuracy(model, encoded, pad_id_of(tokenizer), [p.get("kind", "all") for p in pairs], batch_size)
