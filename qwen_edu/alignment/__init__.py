@@ -8,7 +8,8 @@ The pieces, in the order the book builds them:
 - ``sft``: ``train_sft`` (assistant-only next-token loss), ``evaluate_chat`` (format-following rate).
 - ``reward``: ``RewardModel`` (backbone + scalar head at the last token), ``bradley_terry_loss``,
   optional preference-model pre-training (PMP).
-- ``ppo``: ``kl_penalty``, ``gae``, ``ppo_policy_loss``, ``ppo_value_loss``, ``ppo_step``, ``PPOTrainer``.
+- ``ppo``: ``kl_penalty``, ``gae``, ``ppo_policy_loss``, ``ppo_value_loss``, ``ppo_step``, ``PPOTrainer``
+  (with Qwen's value warm-up, reward normalisation and pre-training gradient mixing as options).
 - ``dpo``: ``dpo_loss``, cached reference log-probs, ``train_dpo``.
 - ``specialists``: the report's recipes: Code-Qwen (continued pre-training) then Code-Qwen-Chat (SFT),
   and Math-Qwen-Chat (math SFT on the base model), with before/after measures.
@@ -54,9 +55,11 @@ from qwen_edu.alignment.pipeline import (
     run_alignment_pipeline,
 )
 from qwen_edu.alignment.ppo import (
+    QWEN_PPO_REPORTED,
     PPOConfig,
     PPOTrainer,
     Rollout,
+    RunningMoments,
     collect_rollout,
     evaluate_policy,
     gae,
@@ -131,9 +134,11 @@ __all__ = [
     "train_reward_model",
     "evaluate_reward_model",
     "evaluate_text_pairs",
+    "QWEN_PPO_REPORTED",
     "PPOConfig",
     "PPOTrainer",
     "Rollout",
+    "RunningMoments",
     "collect_rollout",
     "evaluate_policy",
     "gae",

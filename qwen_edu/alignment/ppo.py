@@ -23,6 +23,19 @@ One PPO iteration:
    clipped surrogate :func:`ppo_policy_loss` (Schulman et al., 2017), the clipped value loss
    :func:`ppo_value_loss` and an entropy bonus.
 
+Three further settings of Qwen-Chat's PPO run (Bai et al., 2023) are options here, off by default:
+
+* **value warm-up** (``value_warmup_steps``): before the policy moves, a few iterations train only
+  the value model on rollouts, so that the first advantages come from a critic that fits this
+  reward model rather than from a fresh head;
+* **reward normalisation** (``reward_normalization``): the reward-model score is centred by its
+  running mean (:class:`RunningMoments`), and optionally scaled by its running standard deviation;
+* **pre-training gradient mixing** (``ptx_coef`` with ``PPOTrainer(pretrain_data=...)``): each
+  minibatch adds ``ptx_coef`` times the next-token loss on pre-training text (InstructGPT's
+  "PPO-ptx"), which limits the *alignment tax* -- what the policy forgets while it chases the reward.
+
+:data:`QWEN_PPO_REPORTED` lists the values the Qwen report gives for these and the other settings.
+
 Per-token arrays are ``[B, T]`` over the reply positions (``T`` = generated length); ``mask [B, T]``
 marks the real reply tokens (up to and including ``<|im_end|>``).
 """
@@ -30,7 +43,7 @@ marks the real reply tokens (up to and including ``<|im_end|>``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -51,6 +64,8 @@ from qwen_edu.alignment.reward import RewardModel, ValueModel, last_token_index
 from qwen_edu.alignment.sft import progress_bar
 
 __all__ = [
+    "QWEN_PPO_REPORTED",
+    "RunningMoments",
     "kl_penalty",
     "shaped_rewards",
     "gae",
@@ -171,6 +186,8 @@ class PPOConfig:
     max_new_tokens: int = 20
     temperature: float = 1.0
     top_k: int | None = None
+    top_p: float | None = None
+    responses_per_prompt: int = 1  # replies sampled per prompt in one rollout
     kl_coef: float = 0.05
     kl_estimator: str = "k1"
     gamma: float = 1.0
@@ -183,12 +200,70 @@ class PPOConfig:
     missing_eos_penalty: float = 1.0  # subtracted from the score of a reply that never stopped
     max_grad_norm: float = 1.0
     seed: int = 0
+    value_warmup_steps: int = 0  # iterations that train only the value model before PPO starts
+    reward_normalization: str = "none"  # "none", "mean" (running mean) or "mean_std" (running mean and std)
+    ptx_coef: float = 0.0  # weight of the pre-training next-token loss (needs PPOTrainer(pretrain_data=...))
+    ptx_batch_size: int = 8  # pre-training rows per minibatch
 
     def __post_init__(self) -> None:
         if self.batch_size % self.mini_batch_size:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of mini_batch_size "
                              f"{self.mini_batch_size}")
         kl_penalty(torch.zeros(1), torch.zeros(1), self.kl_estimator)  # validates the name
+        if self.reward_normalization not in ("none", "mean", "mean_std"):
+            raise ValueError(f"reward_normalization must be 'none', 'mean' or 'mean_std', "
+                             f"got {self.reward_normalization!r}")
+        if self.responses_per_prompt < 1 or self.value_warmup_steps < 0 or self.ptx_coef < 0:
+            raise ValueError("responses_per_prompt must be >= 1, value_warmup_steps and ptx_coef >= 0")
+
+
+#: The PPO settings the Qwen report gives for Qwen-Chat (Bai et al., 2023, section 3.2.2), as
+#: ``PPOConfig`` fields. The report gives no coefficient for its pre-training gradient, only that it
+#: is used, with far more pre-training data than PPO data; ``ptx_coef`` is therefore not listed.
+QWEN_PPO_REPORTED: dict[str, Any] = {
+    "value_warmup_steps": 50,  # "pause the policy model's updates ... updating the value model for 50 steps"
+    "responses_per_prompt": 2,  # two responses sampled per query
+    "kl_coef": 0.04,
+    "reward_normalization": "mean",  # "normalize the reward based on the running mean"
+    "lr": 1e-6,  # policy
+    "value_lr": 5e-6,
+    "clip_range_value": 0.15,  # value loss clipping
+    "top_p": 0.9,  # sampling during PPO
+}
+
+
+class RunningMoments:
+    """Running mean and variance of a stream of batches (Chan et al.'s parallel update).
+
+    Used to normalise reward-model scores across PPO iterations: a score is judged against the
+    scores seen so far, not only against the current batch.
+    """
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.var = 0, 0.0, 1.0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().double().flatten()
+        n = x.numel()
+        if n == 0:
+            return
+        batch_mean = float(x.mean())
+        batch_var = float(x.var(unbiased=False))
+        total = self.count + n
+        delta = batch_mean - self.mean
+        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
+        self.mean += delta * n / total
+        self.var = m2 / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.var)
+
+    def normalize(self, x: torch.Tensor, scale: bool = False, eps: float = 1e-8) -> torch.Tensor:
+        """``x - mean`` (and ``/ std`` with ``scale``) under the statistics seen so far."""
+        out = x - self.mean
+        return out / (self.std + eps) if scale else out
 
 
 @dataclass
@@ -203,7 +278,7 @@ class Rollout:
     logprobs: torch.Tensor  # [B, T] policy at sampling time
     ref_logprobs: torch.Tensor  # [B, T]
     values: torch.Tensor  # [B, T]
-    scores: torch.Tensor  # [B] reward model (after the missing-eos penalty)
+    scores: torch.Tensor  # [B] reward model (after the missing-eos penalty), before any normalisation
     rewards: torch.Tensor  # [B, T] shaped
     kl: torch.Tensor  # [B, T]
     advantages: torch.Tensor  # [B, T]
@@ -248,11 +323,20 @@ def value_outputs(value_model: nn.Module, rollout_like: Any) -> torch.Tensor:
 @torch.no_grad()
 def collect_rollout(policy: nn.Module, ref_model: nn.Module, reward_model: nn.Module, value_model: nn.Module,
                     prompts: Sequence[list[int]], config: PPOConfig, *, pad_id: int, stop_id: int,
-                    generator: torch.Generator | None = None, tokenizer: Any = None) -> Rollout:
-    """Sample replies to ``prompts`` (token-id lists) and score them with all four models."""
-    resp = generate_responses(policy, list(prompts), pad_id=pad_id, stop_id=stop_id,
+                    generator: torch.Generator | None = None, tokenizer: Any = None,
+                    reward_stats: RunningMoments | None = None) -> Rollout:
+    """Sample ``config.responses_per_prompt`` replies to each of ``prompts`` (token-id lists) and
+    score them with all four models.
+
+    With ``config.reward_normalization`` other than ``"none"``, ``reward_stats`` (a
+    :class:`RunningMoments` kept across iterations) is updated with this batch's scores and the
+    normalised score enters the shaped reward; ``Rollout.scores`` keeps the raw scores.
+    """
+    prompts = [list(p) for p in prompts for _ in range(config.responses_per_prompt)]
+    resp = generate_responses(policy, prompts, pad_id=pad_id, stop_id=stop_id,
                               max_new_tokens=config.max_new_tokens, do_sample=True,
-                              temperature=config.temperature, top_k=config.top_k, generator=generator)
+                              temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+                              generator=generator)
     for m in (policy, ref_model, reward_model, value_model):
         m.eval()
     p = resp.prompt_length
@@ -263,7 +347,14 @@ def collect_rollout(policy: nn.Module, ref_model: nn.Module, reward_model: nn.Mo
     values = value_outputs(value_model, resp)
     scores = reward_model(resp.input_ids, resp.attention_mask).float()
     scores = scores - config.missing_eos_penalty * (~resp.finished).float()
-    rewards, kl = shaped_rewards(scores, logp, ref_logp, mask, config.kl_coef, config.kl_estimator)
+    used = scores
+    if config.reward_normalization != "none":
+        if reward_stats is None:
+            raise ValueError(f"reward_normalization={config.reward_normalization!r} needs reward_stats "
+                             "(a RunningMoments kept across iterations)")
+        reward_stats.update(scores)
+        used = reward_stats.normalize(scores, scale=config.reward_normalization == "mean_std")
+    rewards, kl = shaped_rewards(used, logp, ref_logp, mask, config.kl_coef, config.kl_estimator)
     advantages, returns = gae(rewards, values, mask, config.gamma, config.lam)
     if config.whiten_advantages:
         advantages = masked_whiten(advantages, mask)
@@ -273,13 +364,22 @@ def collect_rollout(policy: nn.Module, ref_model: nn.Module, reward_model: nn.Mo
 
 
 def ppo_step(policy: nn.Module, value_model: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout,
-             config: PPOConfig, *, generator: torch.Generator | None = None) -> dict[str, float]:
+             config: PPOConfig, *, generator: torch.Generator | None = None, train_policy: bool = True,
+             pretrain_batches: Iterator[Mapping[str, torch.Tensor]] | None = None) -> dict[str, float]:
     """``ppo_epochs`` passes over shuffled minibatches of ``rollout``; returns the averaged statistics.
 
-    The loss of a minibatch is ``policy_loss + vf_coef * value_loss - entropy_coef * entropy``;
-    the policy and the value model have separate parameters, so one optimizer can hold both.
+    The loss of a minibatch is ``policy_loss + vf_coef * value_loss - entropy_coef * entropy``
+    ``+ ptx_coef * lm_loss``; the policy and the value model have separate parameters, so one
+    optimizer can hold both. ``lm_loss`` is the next-token loss of the policy on the next batch of
+    ``pretrain_batches`` (``{"input_ids", "labels"}``; needed when ``config.ptx_coef > 0``).
+    ``train_policy=False`` is the value warm-up: only the value loss is computed and stepped.
     """
-    policy.train()
+    from qwen_edu.training.loss import causal_lm_loss
+
+    use_ptx = train_policy and config.ptx_coef > 0
+    if use_ptx and pretrain_batches is None:
+        raise ValueError("ptx_coef > 0 needs pretrain_batches (PPOTrainer(pretrain_data=...))")
+    policy.train(train_policy)
     value_model.train()
     params = [p for g in optimizer.param_groups for p in g["params"]]
     totals: dict[str, float] = {}
@@ -288,24 +388,46 @@ def ppo_step(policy: nn.Module, value_model: nn.Module, optimizer: torch.optim.O
         order = torch.randperm(len(rollout), generator=generator)
         for start in range(0, len(rollout), config.mini_batch_size):
             mb = rollout.select(order[start:start + config.mini_batch_size])
-            logp, entropy = policy_outputs(policy, mb)
             values = value_outputs(value_model, mb)
-            pg_loss, pg_stats = ppo_policy_loss(logp, mb.logprobs, mb.advantages, mb.mask, config.clip_range)
-            vf_loss, vf_stats = ppo_value_loss(values, mb.values, mb.returns, mb.mask, config.clip_range_value)
-            mean_entropy = masked_mean(entropy, mb.mask)
-            loss = pg_loss + config.vf_coef * vf_loss - config.entropy_coef * mean_entropy
+            vf_loss, stats = ppo_value_loss(values, mb.values, mb.returns, mb.mask, config.clip_range_value)
+            loss = config.vf_coef * vf_loss
+            stats["value_loss"] = float(vf_loss.detach())
+            if train_policy:
+                logp, entropy = policy_outputs(policy, mb)
+                pg_loss, pg_stats = ppo_policy_loss(logp, mb.logprobs, mb.advantages, mb.mask, config.clip_range)
+                mean_entropy = masked_mean(entropy, mb.mask)
+                loss = loss + pg_loss - config.entropy_coef * mean_entropy
+                stats.update(policy_loss=float(pg_loss.detach()), entropy=float(mean_entropy.detach()), **pg_stats)
+            if use_ptx:
+                assert pretrain_batches is not None
+                batch = next(pretrain_batches)
+                device = next(policy.parameters()).device
+                logits = policy(batch["input_ids"].to(device)).logits
+                lm_loss = causal_lm_loss(logits, batch["labels"].to(device))
+                loss = loss + config.ptx_coef * lm_loss
+                stats["ptx_loss"] = float(lm_loss.detach())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
             optimizer.step()
-            stats = {"policy_loss": float(pg_loss.detach()), "value_loss": float(vf_loss.detach()),
-                     "entropy": float(mean_entropy.detach()), "grad_norm": float(grad_norm), **pg_stats, **vf_stats}
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v
             count += 1
     policy.eval()
     value_model.eval()
     return {k: v / count for k, v in totals.items()}
+
+
+def _cycle_batches(rows: Mapping[str, torch.Tensor], batch_size: int, seed: int
+                   ) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless shuffled batches of ``{"input_ids", "labels"}`` rows (pre-training text for PPO-ptx)."""
+    g = torch.Generator().manual_seed(seed)
+    n = rows["input_ids"].shape[0]
+    while True:
+        order = torch.randperm(n, generator=g)
+        for start in range(0, n - batch_size + 1, batch_size):
+            index = order[start:start + batch_size]
+            yield {"input_ids": rows["input_ids"][index], "labels": rows["labels"][index]}
 
 
 # --- the trainer --------------------------------------------------------------------------------------
@@ -316,11 +438,15 @@ class PPOTrainer:
     ``ref_model=None`` makes a frozen copy of the policy (its starting point); a given reference must
     have the policy's shape. ``value_model=None`` builds one from the *reward model's* backbone (a
     common choice: the critic starts from a network that already judges replies), with a fresh head.
+    ``pretrain_data`` (rows ``{"input_ids", "labels"}`` such as a
+    :class:`~qwen_edu.training.PackedDataset`, or a ``[N, L]`` tensor of token ids) feeds the
+    pre-training loss that ``config.ptx_coef > 0`` mixes into every minibatch.
     """
 
     def __init__(self, policy: nn.Module, reward_model: RewardModel, tokenizer: Any,
                  config: PPOConfig | None = None, *, ref_model: nn.Module | None = None,
-                 value_model: ValueModel | None = None, system_prompt: str | None = SYSTEM_PROMPT) -> None:
+                 value_model: ValueModel | None = None, system_prompt: str | None = SYSTEM_PROMPT,
+                 pretrain_data: Any = None) -> None:
         self.config = config or PPOConfig()
         self.policy = policy
         if ref_model is None:
@@ -347,6 +473,16 @@ class PPOTrainer:
              {"params": [p for p in value_model.parameters() if p.requires_grad], "lr": value_lr}],
             weight_decay=0.0, eps=1e-6)
         self.generator = torch.Generator().manual_seed(self.config.seed)
+        self.reward_stats = RunningMoments()
+        self.pretrain_batches = None
+        if pretrain_data is not None:
+            rows = _pretrain_rows(pretrain_data)
+            if len(rows["input_ids"]) < self.config.ptx_batch_size:
+                raise ValueError(f"pretrain_data has {len(rows['input_ids'])} rows, fewer than "
+                                 f"ptx_batch_size={self.config.ptx_batch_size}")
+            self.pretrain_batches = _cycle_batches(rows, self.config.ptx_batch_size, self.config.seed)
+        elif self.config.ptx_coef > 0:
+            raise ValueError("config.ptx_coef > 0 mixes in the pre-training loss: pass pretrain_data")
         self.iteration = 0
         self.history: list[dict[str, float]] = []
 
@@ -362,16 +498,25 @@ class PPOTrainer:
                 out.append(encode_prompt(self.tokenizer, p, self.system_prompt))
         return out
 
-    def step(self, prompts: Sequence[Any]) -> dict[str, float]:
-        """One iteration: rollout on ``prompts`` then :func:`ppo_step`; returns logged statistics."""
+    def step(self, prompts: Sequence[Any], *, train_policy: bool = True) -> dict[str, float]:
+        """One iteration: rollout on ``prompts`` then :func:`ppo_step`; returns logged statistics.
+
+        ``train_policy=False`` is a value warm-up iteration (the policy does not move). The logged
+        ``kl`` is the penalty's own estimate (``config.kl_estimator``) summed over each sampled reply
+        and averaged: an unbiased estimate of ``KL(pi || pi_ref)`` per reply when the replies are
+        sampled from the policy itself (temperature 1, no ``top_k``/``top_p``).
+        """
         rollout = collect_rollout(self.policy, self.ref_model, self.reward_model, self.value_model,
                                   self.encode(prompts), self.config, pad_id=self.pad_id, stop_id=self.stop_id,
-                                  generator=self.generator, tokenizer=self.tokenizer)
+                                  generator=self.generator, tokenizer=self.tokenizer,
+                                  reward_stats=self.reward_stats)
         stats = ppo_step(self.policy, self.value_model, self.optimizer, rollout, self.config,
-                         generator=self.generator)
+                         generator=self.generator, train_policy=train_policy,
+                         pretrain_batches=self.pretrain_batches)
         mask = rollout.mask.float()
         record = {
             "iteration": self.iteration,
+            "phase": "ppo" if train_policy else "value_warmup",
             "reward": float(rollout.scores.mean()),
             "kl": float((rollout.kl * mask).sum(-1).mean()),  # per reply, summed over its tokens
             "reply_length": float(mask.sum(-1).mean()),
@@ -386,15 +531,17 @@ class PPOTrainer:
     def train(self, prompts: Sequence[Any], iterations: int, *,
               on_step: Callable[[dict[str, float]], None] | None = None, progress: bool = True
               ) -> list[dict[str, float]]:
-        """``iterations`` PPO iterations, cycling through ``prompts`` ``batch_size`` at a time."""
+        """``config.value_warmup_steps`` value-only iterations, then ``iterations`` PPO iterations,
+        cycling through ``prompts`` ``batch_size`` at a time."""
         n = self.config.batch_size
         if len(prompts) < n:
             raise ValueError(f"need at least batch_size={n} prompts, got {len(prompts)}")
-        bar = progress_bar(iterations, "PPO", progress)
+        warmup = self.config.value_warmup_steps
+        bar = progress_bar(warmup + iterations, "PPO", progress)
         out = []
-        for i in range(iterations):
+        for i in range(warmup + iterations):
             start = (i * n) % (len(prompts) - n + 1) if len(prompts) > n else 0
-            record = self.step(prompts[start:start + n])
+            record = self.step(prompts[start:start + n], train_policy=i >= warmup)
             out.append(record)
             if on_step is not None:
                 on_step(record)
@@ -402,6 +549,24 @@ class PPOTrainer:
             bar.set_postfix(reward=f"{record['reward']:.2f}", kl=f"{record['kl']:.3f}")
         bar.close()
         return out
+
+
+def _pretrain_rows(data: Any) -> dict[str, torch.Tensor]:
+    """``{"input_ids", "labels"}`` ``[N, L]`` from a PackedDataset/PackedSequences, a mapping, or ids."""
+    packed = getattr(data, "packed", data)
+    if isinstance(packed, torch.Tensor):
+        rows = {"input_ids": packed, "labels": packed}
+    elif isinstance(packed, Mapping):
+        rows = {"input_ids": packed["input_ids"], "labels": packed.get("labels", packed["input_ids"])}
+    elif hasattr(packed, "input_ids") and hasattr(packed, "labels"):
+        rows = {"input_ids": packed.input_ids, "labels": packed.labels}
+    else:
+        raise TypeError(f"pretrain_data must be a PackedDataset, PackedSequences, a mapping with input_ids "
+                        f"(and labels) or a [N, L] id tensor, got {type(data).__name__}")
+    if rows["input_ids"].dim() != 2 or rows["input_ids"].shape != rows["labels"].shape:
+        raise ValueError(f"pretrain_data rows must be [N, L] with labels of the same shape, got input_ids "
+                         f"{tuple(rows['input_ids'].shape)} and labels {tuple(rows['labels'].shape)}")
+    return rows
 
 
 @torch.no_grad()
