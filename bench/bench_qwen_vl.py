@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SHAPES = {
-    # The chapter-7 model's tower (qwen_edu.training.qwen_vl): 128 px, 8 px patches -> 256 patches, 64 queries.
-    "small": dict(width=96, layers=3, heads=4, mlp_ratio=4.0, image_size=128, patch_size=8, output_dim=192,
-                  n_queries=64, positional_grid=8),
+    # The chapter-7 model's tower (qwen_edu.training.qwen_vl): 96 px, 8 px patches -> 144 patches, 36 queries.
+    "small": dict(width=96, layers=3, heads=4, mlp_ratio=4.0, image_size=96, patch_size=8, output_dim=192,
+                  n_queries=36, positional_grid=6),
     # Qwen-VL's ViT-bigG widths and 448 px input (48 layers in the real model; --layers picks how many).
     "qwen-vl": dict(width=1664, layers=48, heads=16, mlp_ratio=4.9231, image_size=448, patch_size=14,
                     output_dim=4096),
