@@ -22,7 +22,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -67,11 +67,15 @@ class Qwen2VLConfig(QwenConfig):
     vision_end_token_id: int = 151653
     mrope_section: list[int] = field(default_factory=lambda: [16, 24, 24])
     mrope_layout: str = "contiguous"
+    #: Extension points for the later VL models (chapter 12): the vision config's class (its
+    #: ``from_hf_config`` reads that model's ``vision_config`` dialect) and the checkpoint's architecture name.
+    vision_config_class: ClassVar[type[VisionConfig]] = VisionConfig
+    architecture: ClassVar[str] = "Qwen2VLForConditionalGeneration"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.vision_config, dict):
-            self.vision_config = VisionConfig.from_hf_config(self.vision_config)
+            self.vision_config = self.vision_config_class.from_hf_config(self.vision_config)
         # One switch for the whole model: the tower follows the decoder's attention implementation.
         self.vision_config.attn_implementation = self.attn_implementation
         if self.vision_config.out_hidden_size != self.hidden_size:
@@ -102,7 +106,7 @@ class Qwen2VLConfig(QwenConfig):
         text_key = "rope_parameters" if "rope_parameters" in text else "rope_scaling"
         text[text_key] = rope
         text["model_type"] = "qwen2"
-        text.setdefault("rope_theta", rope.get("rope_theta", 1_000_000.0))
+        text.setdefault("rope_theta", rope.get("rope_theta", cls.rope_theta))
         text["tie_word_embeddings"] = bool(hf.get("tie_word_embeddings", False) or text.get("tie_word_embeddings"))
         for key in ("torch_dtype", "dtype"):
             if key in hf and key not in text:
@@ -110,11 +114,11 @@ class Qwen2VLConfig(QwenConfig):
         base = QwenConfig._from_qwen2(text)
         fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(QwenConfig)}
         fields["rope_scaling"] = _normalise_rope_scaling(base.rope_scaling)
-        fields["model_type"] = "qwen2_vl"
+        fields["model_type"] = cls.model_type
         fields["extra"] = {k: v for k, v in base.extra.items() if k not in ("layer_types", "model_type")}
         return cls(
             **fields,
-            vision_config=VisionConfig.from_hf_config(hf.get("vision_config") or {}),
+            vision_config=cls.vision_config_class.from_hf_config(hf.get("vision_config") or {}),
             image_token_id=hf.get("image_token_id", 151655),
             video_token_id=hf.get("video_token_id", 151656),
             vision_start_token_id=hf.get("vision_start_token_id", 151652),
@@ -131,8 +135,8 @@ class Qwen2VLConfig(QwenConfig):
         if self.mrope_layout != "contiguous":
             raise ValueError(f"a qwen2_vl config.json has no way to say mrope layout {self.mrope_layout!r}")
         text.update(
-            model_type="qwen2_vl",
-            architectures=["Qwen2VLForConditionalGeneration"],
+            model_type=self.model_type,
+            architectures=[self.architecture],
             rope_scaling=scaling,
             vision_config=self.vision_config.to_hf_config(),
             image_token_id=self.image_token_id,
@@ -168,12 +172,14 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM):
     """Vision tower + M-RoPE Qwen2 decoder + LM head."""
 
     decoder_class = Qwen2VLTextModel
+    #: The vision tower class (Qwen2.5-VL and Qwen3-VL swap in their own).
+    vision_class: type[nn.Module] = Qwen2VisionTransformer
     #: Tells :func:`qwen_edu.generate` not to pass 1D text positions: this model derives its own M-RoPE ids.
     computes_position_ids = True
 
     def __init__(self, config: Qwen2VLConfig) -> None:
         super().__init__(config)
-        self.visual = Qwen2VisionTransformer(config.vision_config)
+        self.visual = self.vision_class(config.vision_config)
 
     def set_attn_implementation(self, name: str) -> None:
         """Switch the decoder and the vision tower between ``"eager"`` and ``"sdpa"``."""
@@ -193,6 +199,14 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM):
     def _insert_features(self, input_ids: torch.Tensor | None, embeds: torch.Tensor, pixels: torch.Tensor,
                          grid: torch.Tensor | None, token_id: int, what: str) -> torch.Tensor:
         """Overwrite the pad tokens' embeddings with the vision features, in order (after checking counts)."""
+        mask = self._vision_token_mask(input_ids, grid, token_id, what)
+        pixel_name = "pixel_values" if what == "image" else "pixel_values_videos"
+        features = self.visual(pixels, grid, what=pixel_name).to(embeds.dtype)
+        return embeds.masked_scatter(mask[..., None], features)
+
+    def _vision_token_mask(self, input_ids: torch.Tensor | None, grid: torch.Tensor | None, token_id: int,
+                           what: str) -> torch.Tensor:
+        """``input_ids == token_id``, after checking that the pad tokens are as many as the grid's features."""
         grid_name = "image_grid_thw" if what == "image" else "video_grid_thw"
         if grid is None:
             raise ValueError(f"{what} pixels were given without {grid_name}")
@@ -204,9 +218,7 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM):
         if n_tokens != n_features:
             raise ValueError(f"{what} tokens do not match the features: input_ids hold {n_tokens} {what} pad tokens "
                              f"(id {token_id}), but {grid_name} {grid.tolist()} gives {n_features} features")
-        pixel_name = "pixel_values" if what == "image" else "pixel_values_videos"
-        features = self.visual(pixels, grid, what=pixel_name).to(embeds.dtype)
-        return embeds.masked_scatter(mask[..., None], features)
+        return mask
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,

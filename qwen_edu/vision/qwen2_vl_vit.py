@@ -166,18 +166,19 @@ class PatchEmbed(nn.Module):
     The weight keeps the Conv3d shape ``[embed_dim, C, tp, ps, ps]`` (that is what checkpoints store). A
     convolution whose kernel covers its whole input is a dot product with the flattened kernel, and the
     rows of ``pixel_values`` are flattened in the same (C, t, y, x) order, so one ``F.linear`` does it.
+    ``bias=True`` adds the convolution's bias (Qwen3-VL's patch embedding has one; Qwen2-VL's has none).
     """
 
     def __init__(self, patch_size: int = 14, temporal_patch_size: int = 2, in_channels: int = 3,
-                 embed_dim: int = 1280) -> None:
+                 embed_dim: int = 1280, bias: bool = False) -> None:
         super().__init__()
         kernel = (temporal_patch_size, patch_size, patch_size)
         self.embed_dim = embed_dim
-        self.proj = nn.Conv3d(in_channels, embed_dim, kernel_size=kernel, stride=kernel, bias=False)
+        self.proj = nn.Conv3d(in_channels, embed_dim, kernel_size=kernel, stride=kernel, bias=bias)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         weight = self.proj.weight
-        return F.linear(pixel_values.to(weight.dtype), weight.reshape(self.embed_dim, -1))
+        return F.linear(pixel_values.to(weight.dtype), weight.reshape(self.embed_dim, -1), self.proj.bias)
 
 
 def vision_position_ids(grid_thw: torch.Tensor, spatial_merge_size: int = 2) -> torch.Tensor:
