@@ -71,11 +71,20 @@ class Qwen3VLConfig(Qwen2VLConfig):
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: bool = True
-    vision_config: Qwen3VisionConfig = field(default_factory=Qwen3VisionConfig)  # type: ignore[assignment]
+    # transformers' two class defaults disagree (merger output 3584, text width 4096); ours meet at 4096
+    vision_config: Qwen3VisionConfig = field(  # type: ignore[assignment]
+        default_factory=lambda: Qwen3VisionConfig(out_hidden_size=4096))
     mrope_section: list[int] = field(default_factory=lambda: [24, 20, 20])
     mrope_layout: str = "interleaved"
     vision_config_class: ClassVar[type[Qwen3VisionConfig]] = Qwen3VisionConfig
     architecture: ClassVar[str] = "Qwen3VLForConditionalGeneration"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        taps = len(self.vision_config.deepstack_visual_indexes)
+        if taps > self.num_hidden_layers:
+            raise ValueError(f"{taps} DeepStack taps feed the first {taps} decoder layers, but the decoder has "
+                             f"num_hidden_layers={self.num_hidden_layers}")
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any] | Any) -> Qwen3VLConfig:
