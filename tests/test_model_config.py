@@ -138,3 +138,17 @@ def test_tiny_presets_run():
         model = Qwen2ForCausalLM(preset(name))
         with torch.no_grad():
             assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, model.config.vocab_size)
+
+
+def test_kv_cache_of_the_qwen2_family():
+    """The calculator's KV bytes per token are 2 x layers x kv_heads x head_dim x 2 bytes (bf16), and GQA
+    divides MHA's by the group size; a 128K-token sequence of Qwen2-72B needs ~43 GB of cache."""
+    from qwen_edu.models.costs import kv_cache_bytes_per_token, memory_estimate
+
+    q7, q72 = preset("Qwen2-7B"), preset("Qwen2-72B")
+    assert kv_cache_bytes_per_token(q7) == 2 * 28 * 4 * 128 * 2 == 57_344
+    mha = q72.replace(num_key_value_heads=q72.num_attention_heads)
+    assert kv_cache_bytes_per_token(mha) == 8 * kv_cache_bytes_per_token(q72)
+    estimate = memory_estimate(q72, 131_072)
+    assert estimate.kv_cache == 131_072 * 2 * 80 * 8 * 128 * 2
+    assert round(estimate.kv_cache / 1e9) == 43 and estimate.weights == 2 * 72_706_203_648
