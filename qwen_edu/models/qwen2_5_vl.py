@@ -33,9 +33,8 @@ from qwen_edu.models.qwen2_vl import (
     Qwen2VLLayout,
 )
 from qwen_edu.models.registry import ModelEntry, register_model
-from qwen_edu.vision.mrope import get_rope_index
 from qwen_edu.vision.qwen2_5_vl_vit import Qwen2_5VisionConfig, Qwen2_5VisionTransformer
-from qwen_edu.vision.video_time import absolute_time_index
+from qwen_edu.vision.video_time import qwen2_5_vl_rope_index
 
 __all__ = ["Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "prefill_mrope_positions"]
 
@@ -85,20 +84,11 @@ class Qwen2_5_VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """Qwen's rule with each video's temporal ids on the clock (``tokens_per_second`` ids per second)."""
         config = self.config
-        seconds = None if second_per_grid_ts is None else torch.as_tensor(second_per_grid_ts, dtype=torch.float32)
-        n_videos = 0 if video_grid_thw is None else video_grid_thw.shape[0]
-        if seconds is not None and seconds.shape != (n_videos,):
-            raise ValueError(f"second_per_grid_ts needs one value per video: got shape {tuple(seconds.shape)} "
-                             f"for {n_videos} video(s)")
-
-        def clock(grid_t: int, video: int) -> torch.Tensor:
-            per_grid = seconds[video] if seconds is not None else 1.0
-            return absolute_time_index(grid_t, per_grid, config.vision_config.tokens_per_second)
-
-        return get_rope_index(input_ids, image_grid_thw, video_grid_thw, attention_mask,
-                              image_token_id=config.image_token_id, video_token_id=config.video_token_id,
-                              vision_start_token_id=config.vision_start_token_id,
-                              spatial_merge_size=config.vision_config.spatial_merge_size, temporal_index=clock)
+        return qwen2_5_vl_rope_index(
+            input_ids, image_grid_thw, video_grid_thw, attention_mask, second_per_grid_ts=second_per_grid_ts,
+            tokens_per_second=config.vision_config.tokens_per_second, image_token_id=config.image_token_id,
+            video_token_id=config.video_token_id, vision_start_token_id=config.vision_start_token_id,
+            spatial_merge_size=config.vision_config.spatial_merge_size)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,

@@ -38,7 +38,7 @@ from qwen_edu.models.qwen3 import read_qwen3_attention, write_qwen3_attention
 from qwen_edu.models.registry import ModelEntry, register_model
 from qwen_edu.vision.deepstack import inject_deepstack, order_deepstack
 from qwen_edu.vision.qwen3_vl_vit import Qwen3VisionConfig, Qwen3VisionTransformer
-from qwen_edu.vision.video_time import split_video_grid
+from qwen_edu.vision.video_time import qwen3_vl_rope_index
 
 __all__ = ["Qwen3VLConfig", "Qwen3VLForConditionalGeneration", "Qwen3VLLayout"]
 
@@ -134,8 +134,11 @@ class Qwen3VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
                        video_grid_thw: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """Qwen's rule with every frame group of a video as its own item (each announced by a vision start)."""
-        frames = split_video_grid(video_grid_thw) if video_grid_thw is not None else None
-        return super().get_rope_index(input_ids, image_grid_thw, frames, attention_mask)
+        config = self.config
+        return qwen3_vl_rope_index(input_ids, image_grid_thw, video_grid_thw, attention_mask,
+                                   image_token_id=config.image_token_id, video_token_id=config.video_token_id,
+                                   vision_start_token_id=config.vision_start_token_id,
+                                   spatial_merge_size=config.vision_config.spatial_merge_size)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,

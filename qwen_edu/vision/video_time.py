@@ -19,11 +19,14 @@ Both follow Qwen's own position code (``qwen-vl-finetune/qwenvl/data/rope2d.py``
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
+from qwen_edu.vision.mrope import get_rope_index
+
 __all__ = ["second_per_grid", "absolute_time_index", "split_video_grid", "frame_group_timestamps",
-           "timestamp_text"]
+           "timestamp_text", "qwen2_5_vl_rope_index", "qwen3_vl_rope_index"]
 
 
 def second_per_grid(fps: float, temporal_patch_size: int = 2) -> float:
@@ -77,3 +80,31 @@ def frame_group_timestamps(frame_indices: Sequence[int], video_fps: float, tempo
 def timestamp_text(seconds: float) -> str:
     """``<1.2 seconds>``: the text before a frame group (one decimal, Python's rounding of the binary value)."""
     return f"<{seconds:.1f} seconds>"
+
+
+def qwen2_5_vl_rope_index(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
+                          video_grid_thw: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
+                          second_per_grid_ts: torch.Tensor | Sequence[float] | None = None,
+                          tokens_per_second: int = 2, **token_ids: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen2.5-VL's M-RoPE ids: chapter 10's rule (:func:`~qwen_edu.vision.mrope.get_rope_index`, Qwen's
+    rope2d.py) with video ``k``'s temporal ids on the clock, ``second_per_grid_ts[k]`` seconds per frame group
+    (1.0 when absent, as in Qwen's code). ``token_ids`` are get_rope_index's token-id keywords."""
+    seconds = None if second_per_grid_ts is None else torch.as_tensor(second_per_grid_ts, dtype=torch.float32)
+    n_videos = 0 if video_grid_thw is None else video_grid_thw.shape[0]
+    if seconds is not None and seconds.shape != (n_videos,):
+        raise ValueError(f"second_per_grid_ts needs one value per video: got shape {tuple(seconds.shape)} "
+                         f"for {n_videos} video(s)")
+
+    def clock(grid_t: int, video: int) -> torch.Tensor:
+        return absolute_time_index(grid_t, seconds[video] if seconds is not None else 1.0, tokens_per_second)
+
+    return get_rope_index(input_ids, image_grid_thw, video_grid_thw, attention_mask, temporal_index=clock, **token_ids)
+
+
+def qwen3_vl_rope_index(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
+                        video_grid_thw: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                        **token_ids: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3-VL's M-RoPE ids: every frame group of a video is its own item (announced by its own vision start,
+    after its timestamp text), so ``video_grid_thw`` is split per frame group; no clock in the temporal id."""
+    frames = split_video_grid(video_grid_thw) if video_grid_thw is not None else None
+    return get_rope_index(input_ids, image_grid_thw, frames, attention_mask, **token_ids)

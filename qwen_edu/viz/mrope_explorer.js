@@ -1,13 +1,20 @@
-// M-RoPE explorer: Qwen2-VL's (t, h, w) position ids for a prompt you assemble, computed in the browser.
-// Everything runs client-side, so the widget stays interactive in Jupyter, Colab and the static book.
-// The position rule mirrors qwen_edu.vision.mrope.get_rope_index (Qwen's rope2d.py rule); the tests run
-// QwenMrope.ropeIndex and QwenMrope.smartResize under node and in headless Chromium against the Python.
+// M-RoPE explorer: the (t, h, w) position ids of Qwen2-VL, Qwen2.5-VL and Qwen3-VL for a prompt you assemble,
+// computed in the browser. Everything runs client-side, so the widget stays interactive in Jupyter, Colab and
+// the static book. The position rule mirrors qwen_edu.vision.mrope.get_rope_index (Qwen's rope2d.py rule), with
+// Qwen2.5-VL's absolute-time temporal ids (qwen2_5_vl_rope_index) and Qwen3-VL's timestamped frame groups
+// (qwen3_vl_rope_index); the tests run QwenMrope.ropeIndex, buildSegments and smartResize under node and in
+// headless Chromium against the Python.
 (function (root) {
-  if (root.QwenMrope && root.QwenMrope.version === "1") return;
+  if (root.QwenMrope && root.QwenMrope.version >= "2") return;
 
   const STREAMS = ["t", "h", "w"];
   const STREAM_COLORS = ["#d62728", "#2ca02c", "#1f77b4"];
-  const KIND_COLORS = { text: "#9e9e9e", start: "#444444", end: "#444444", image: "#6a51a3", video: "#e6550d" };
+  const KIND_COLORS = { text: "#9e9e9e", time: "#f2b701", start: "#444444", end: "#444444", image: "#6a51a3", video: "#e6550d" };
+  const MODELS = {
+    qwen2_vl: { patch: 14, layout: "contiguous", section: [16, 24, 24], theta: 1000000, name: "Qwen2-VL" },
+    qwen2_5_vl: { patch: 14, layout: "contiguous", section: [16, 24, 24], theta: 1000000, name: "Qwen2.5-VL" },
+    qwen3_vl: { patch: 16, layout: "interleaved", section: [24, 20, 20], theta: 5000000, name: "Qwen3-VL" },
+  };
 
   // Python's round(): halves go to the even neighbour (2.5 -> 2, 3.5 -> 4).
   function roundHalfEven(x) {
@@ -36,32 +43,69 @@
     return [h, w];
   }
 
-  // segments: [{type: "text", length}, {type: "image" | "video", grid: [t, h, w] (patch units)}, ...].
-  // Vision items are wrapped in <|vision_start|> ... <|vision_end|> as in a real prompt. Returns per token
-  // its kind, its (t, h, w) ids, its 1D id, the item it belongs to (or -1) and its cell on the merged grid.
+  // Python's f"{x:.1f}": the binary value rounded to one decimal, exact halves to the even digit
+  // (0.25 -> "0.2", 1.25 -> "1.2", 0.35 -> "0.3"), where JavaScript's toFixed would round halves up.
+  function pyFixed1(x) {
+    const digits = Math.abs(x).toPrecision(21).split("e")[0];  // enough digits to see which side of a half
+    const [whole, frac] = (digits.includes(".") ? digits : digits + ".").split(".");
+    const tenths = BigInt(whole + (frac + "0").slice(0, 1)), rest = (frac + "00").slice(1);
+    let n = tenths;
+    if (/^5(0*)$/.test(rest)) n = tenths % 2n === 0n ? tenths : tenths + 1n;
+    else if (rest > "5") n = tenths + 1n;
+    const str = n.toString().padStart(2, "0");
+    return (x < 0 && n > 0n ? "-" : "") + str.slice(0, -1) + "." + str.slice(-1);
+  }
+
+  // Qwen3-VL's timestamp before frame group g: "<t seconds>", t the mean time of the group's first and last
+  // frame (frame indices 0, 1, ... at `fps`; an odd count padded by repeating the last frame).
+  function frameTimestamps(frames, fps) {
+    const idx = [];
+    for (let i = 0; i < frames; i++) idx.push(i);
+    if (idx.length % 2) idx.push(idx[idx.length - 1]);
+    const out = [];
+    for (let g = 0; g < idx.length; g += 2) out.push((idx[g] / fps + idx[g + 1] / fps) / 2);
+    return out;
+  }
+  // "<12.5 seconds>" is "<", one token per digit, ".", " seconds", ">" for Qwen's tokenizer: digits + 4 tokens.
+  function timestampTokens(text) { return (text.match(/[0-9]/g) || []).length + 4; }
+
+  // Qwen2.5-VL's temporal offset of frame group f: floor(f * second_per_grid * tokens_per_second), computed in
+  // float32 in that order as Qwen's code does (Math.fround rounds each product to float32).
+  function absoluteTime(f, secondPerGrid, tokensPerSecond) {
+    return Math.trunc(Math.fround(Math.fround(f * Math.fround(secondPerGrid)) * tokensPerSecond));
+  }
+
+  // segments: [{type: "text", length, [kind, label]}, {type: "image" | "video", grid: [t, h, w] (patch units),
+  // [secondPerGrid, tokensPerSecond] (absolute time), [item, frame0] (a frame group of a split video)}, ...].
+  // Vision items are wrapped in <|vision_start|> ... <|vision_end|> as in a real prompt. Returns per token its
+  // kind, its (t, h, w) ids, its 1D id, the item it belongs to (or -1), its cell on the merged grid and a label.
   function ropeIndex(segments, mergeSize) {
     const m = mergeSize || 2;
-    const out = { kind: [], t: [], h: [], w: [], oneD: [], item: [], cell: [] };
+    const out = { kind: [], t: [], h: [], w: [], oneD: [], item: [], cell: [], label: [] };
     let next = 0, itemNo = 0;
-    const push = (kind, t, h, w, item, cell) => {
+    const push = (kind, t, h, w, item, cell, label) => {
       out.kind.push(kind); out.t.push(t); out.h.push(h); out.w.push(w);
-      out.oneD.push(out.oneD.length); out.item.push(item); out.cell.push(cell);
+      out.oneD.push(out.oneD.length); out.item.push(item); out.cell.push(cell); out.label.push(label || "");
     };
-    const text = (kind) => { push(kind, next, next, next, -1, null); next += 1; };
+    const text = (kind, label) => { push(kind, next, next, next, -1, null, label); next += 1; };
     for (const seg of segments) {
       if (seg.type === "text") {
-        for (let i = 0; i < seg.length; i++) text("text");
+        for (let i = 0; i < seg.length; i++) text(seg.kind || "text", seg.label);
         continue;
       }
       const [gt, gh, gw] = seg.grid;
       if (gh % m || gw % m) throw new Error("grid h and w must be multiples of the merge size " + m);
       text("start");
-      const H = gh / m, W = gw / m, start = next;
-      for (let f = 0; f < gt; f++)
+      const H = gh / m, W = gw / m, start = next, item = seg.item === undefined ? itemNo : seg.item;
+      let last = 0;
+      for (let f = 0; f < gt; f++) {
+        const dt = seg.secondPerGrid === undefined ? f : absoluteTime(f, seg.secondPerGrid, seg.tokensPerSecond);
+        last = Math.max(last, dt);
         for (let r = 0; r < H; r++)
-          for (let c = 0; c < W; c++) push(seg.type, start + f, start + r, start + c, itemNo, [f, r, c]);
-      next = start + Math.max(gt - 1, H - 1, W - 1) + 1;  // Qwen's rule: the largest id so far + 1
-      itemNo += 1;
+          for (let c = 0; c < W; c++) push(seg.type, start + dt, start + r, start + c, item, [(seg.frame0 || 0) + f, r, c]);
+      }
+      next = start + Math.max(last, H - 1, W - 1) + 1;  // Qwen's rule: the largest id so far + 1
+      itemNo = item + 1;
       text("end");
     }
     out.maxId = Math.max(...out.t, ...out.h, ...out.w);
@@ -89,15 +133,31 @@
     return out;
   }
 
-  // The prompt the controls describe: text, an image, text, a video, text.
+  // The prompt the controls describe: text, an image, text, a video, text -- as the chosen model lays it out.
+  // Qwen2.5-VL puts the video's frame groups on the clock (fps -> second_per_grid = 2 / fps); Qwen3-VL splits
+  // the video into frame groups, each after its timestamp text, and uses 16-pixel patches.
   function buildSegments(state) {
-    const [ih, iw] = smartResize(state.imageHeight, state.imageWidth);
-    const [vh, vw] = smartResize(state.videoHeight, state.videoWidth);
+    const model = MODELS[state.model || "qwen2_vl"], patch = model.patch;
+    const [ih, iw] = smartResize(state.imageHeight, state.imageWidth, 2 * patch);
+    const [vh, vw] = smartResize(state.videoHeight, state.videoWidth, 2 * patch);
+    const groups = Math.ceil(state.videoFrames / 2);
+    const video = [];
+    if (state.model === "qwen3_vl") {
+      frameTimestamps(state.videoFrames, state.fps).forEach((seconds, g) => {
+        const label = "<" + pyFixed1(seconds) + " seconds>";
+        video.push({ type: "text", kind: "time", length: timestampTokens(label), label: label });
+        video.push({ type: "video", grid: [1, vh / patch, vw / patch], pixels: [vh, vw], item: 1, frame0: g });
+      });
+    } else {
+      const seg = { type: "video", grid: [groups, vh / patch, vw / patch], pixels: [vh, vw], item: 1 };
+      if (state.model === "qwen2_5_vl") Object.assign(seg, { secondPerGrid: 2 / state.fps, tokensPerSecond: state.tokensPerSecond });
+      video.push(seg);
+    }
     return [
       { type: "text", length: state.textBefore },
-      { type: "image", grid: [1, ih / 14, iw / 14], pixels: [ih, iw] },
+      { type: "image", grid: [1, ih / patch, iw / patch], pixels: [ih, iw], item: 0 },
       { type: "text", length: state.textBetween },
-      { type: "video", grid: [Math.ceil(state.videoFrames / 2), vh / 14, vw / 14], pixels: [vh, vw] },
+      ...video,
       { type: "text", length: state.textAfter },
     ];
   }
@@ -140,7 +200,7 @@
     el("rect", { x: (x0 + sel * cw - 1).toFixed(2), y: y0 - 2, width: (cw + 2).toFixed(2), height: 5 * (rowH + 3) + 1, fill: "none", stroke: "#000", "stroke-width": 1.5, class: "selected-token" }, svg);
     // legend
     let lx = x0;
-    [["text", "text"], ["start", "vision start / end"], ["image", "image"], ["video", "video"]].forEach(([k, s]) => {
+    [["text", "text"], ["time", "timestamp"], ["start", "vision start / end"], ["image", "image"], ["video", "video"]].forEach(([k, s]) => {
       el("rect", { x: lx, y: y0 + 5 * (rowH + 3) + 4, width: 10, height: 10, fill: KIND_COLORS[k] }, svg);
       label(svg, lx + 14, y0 + 5 * (rowH + 3) + 13, s, { "font-size": 10 });
       lx += 22 + 6.2 * s.length;
@@ -149,11 +209,18 @@
 
   function drawGrids(svg, ids, segments, state, x0, y0, width, height) {
     label(svg, x0, y0 - 8, "Vision tokens on their merged grids: t is constant per frame group, h and w step along rows and columns", { "font-weight": "bold" });
-    const items = segments.filter((s) => s.type !== "text");
+    // one entry per image / video (a Qwen3-VL video arrives as one segment per frame group)
+    const items = [];
+    segments.filter((s) => s.type !== "text").forEach((s) => {
+      const k = s.item === undefined ? items.length : s.item;
+      if (items[k]) items[k].grid = [items[k].grid[0] + s.grid[0], s.grid[1], s.grid[2]];
+      else items[k] = { type: s.type, grid: s.grid.slice(), pixels: s.pixels };
+    });
+    const where = {};  // "item,f,r,c" -> token index
+    ids.cell.forEach((cell, i) => { if (cell) where[ids.item[i] + "," + cell.join(",")] = i; });
     const sel = Math.min(state.token, ids.kind.length - 1);
     let x = x0;
     items.forEach((seg, k) => {
-      const first = ids.item.indexOf(k);
       const H = seg.grid[1] / 2, W = seg.grid[2] / 2, frames = seg.type === "video" ? seg.grid[0] : 1;
       const shown = Math.min(frames, 4);
       const avail = seg.type === "video" ? (width * 0.6) / shown - 10 : width * 0.3;
@@ -162,15 +229,15 @@
       label(svg, x, y0 + 6, seg.type + " " + seg.pixels[0] + "x" + seg.pixels[1] + " px: " + seg.grid[1] + "x" + seg.grid[2] + " patches", { "font-size": 10, fill: color });
       label(svg, x, y0 + 18, (frames > 1 ? frames + " frame groups x " : "") + H + "x" + W + " merged = " + frames * H * W + " tokens", { "font-size": 10, fill: color });
       for (let f = 0; f < shown; f++) {
-        const fx = x + f * (W * cs + 10), fy = y0 + 26, base = first + f * H * W;
+        const fx = x + f * (W * cs + 10), fy = y0 + 26, base = where[k + "," + f + ",0,0"];
         for (let r = 0; r < H; r++) {
           for (let c = 0; c < W; c++) {
-            const i = base + r * W + c;
+            const i = where[k + "," + f + "," + r + "," + c];
             el("rect", { x: fx + c * cs, y: fy + r * cs, width: Math.max(cs - 0.5, 1), height: Math.max(cs - 0.5, 1), fill: color, "fill-opacity": i === sel ? 1 : 0.3, class: "grid-cell", "data-token": i }, svg);
             if (cs >= 20) label(svg, fx + c * cs + 2, fy + r * cs + cs * 0.65, ids.h[i] + "," + ids.w[i], { "font-size": 7 });
           }
         }
-        const last = base + H * W - 1;
+        const last = where[k + "," + f + "," + (H - 1) + "," + (W - 1)];
         label(svg, fx, fy + H * cs + 11, "t=" + ids.t[base], { "font-size": 9 });
         if (f === 0) label(svg, fx, fy + H * cs + 22, "h " + ids.h[base] + ".." + ids.h[last] + ", w " + ids.w[base] + ".." + ids.w[last], { "font-size": 9 });
       }
@@ -212,6 +279,25 @@
     label(svg, x0, y0 + 68, "coloured hand: M-RoPE angle = (id of the band's stream) x theta_j; grey dashed: 1D RoPE angle = token index x theta_j", { "font-size": 10 });
   }
 
+  // One line on how the chosen model tells the LLM about the video's time.
+  function clockLine(state, ids) {
+    const groups = [];  // the t id of each frame group of the video (item 1)
+    ids.cell.forEach((cell, i) => { if (cell && ids.item[i] === 1 && cell[1] === 0 && cell[2] === 0) groups[cell[0]] = ids.t[i]; });
+    const seconds = state.videoFrames / state.fps;
+    const clip = state.videoFrames + " frames at " + state.fps + " fps (" + seconds.toFixed(2) + " s)";
+    if (state.model === "qwen2_5_vl") {
+      const spg = 2 / state.fps;
+      return "Qwen2.5-VL, absolute time: " + clip + "; second_per_grid = 2 / fps = " + spg.toFixed(3) +
+        " s; x " + state.tokensPerSecond + " ids per second -> frame groups at t = " + groups.join(", ");
+    }
+    if (state.model === "qwen3_vl") {
+      const stamps = ids.label.filter((l, i) => l && ids.label[i - 1] !== l);
+      return "Qwen3-VL, timestamps as text: " + clip + "; each frame group follows its timestamp " +
+        stamps.join(" ") + "; t ids " + groups.join(", ") + " only count tokens";
+    }
+    return "Qwen2-VL: " + clip + "; t steps by 1 per frame group whatever the frame rate: t = " + groups.join(", ");
+  }
+
   function render(rootEl, state) {
     const svg = rootEl.querySelector("svg");
     while (svg.firstChild) svg.removeChild(svg.firstChild);
@@ -232,6 +318,7 @@
     rootEl.querySelector(".qm-summary").textContent =
       ids.kind.length + " tokens; largest position id: M-RoPE " + ids.maxId + " vs 1D RoPE " + oneDMax +
       " (" + (oneDMax / Math.max(ids.maxId, 1)).toFixed(1) + "x smaller); rope_delta " + ids.ropeDelta;
+    rootEl.querySelector(".qm-clock").textContent = clockLine(state, ids);
     drawStrip(svg, ids, state, 60, 30, 680);
     drawGrids(svg, ids, segments, state, 60, 170, 680, 150);
     drawBands(svg, streams, 60, 360, 680);
@@ -244,6 +331,7 @@
     rootEl.innerHTML =
       '<div class="qm-controls" style="margin-bottom:6px"></div>' +
       '<div class="qm-summary" style="font:12px monospace;color:#444"></div>' +
+      '<div class="qm-clock" style="font:12px monospace;color:#444"></div>' +
       '<div class="qm-status" style="font:12px sans-serif;color:#c0392b"></div>' +
       '<svg xmlns="http://www.w3.org/2000/svg" width="760" height="530" style="max-width:100%;height:auto" viewBox="0 0 760 530"></svg>';
     const controls = rootEl.querySelector(".qm-controls");
@@ -255,14 +343,19 @@
       controls.appendChild(wrap);
       return input;
     };
-    const slider = (name, text, min, max, step) => {
+    const slider = (name, text, min, max, step, after) => {
       const input = document.createElement("input");
       Object.assign(input, { type: "range", min: min, max: max, step: step, name: name, value: state[name] });
       const shown = document.createElement("span");
       shown.style.cssText = "min-width:30px;font-family:monospace";
       shown.textContent = state[name];
-      input.addEventListener("input", () => { state[name] = +input.value; shown.textContent = input.value; render(rootEl, state); });
+      input.addEventListener("input", () => {
+        state[name] = +input.value; shown.textContent = input.value;
+        if (after) after();
+        render(rootEl, state);
+      });
       add(text, input).after(shown);
+      return { input: input, shown: shown };
     };
     slider("textBefore", "text", 0, 8, 1);
     slider("imageHeight", "image h px", 28, 336, 14);
@@ -273,6 +366,23 @@
     slider("videoWidth", "video w px", 28, 224, 14);
     slider("textAfter", "text", 0, 8, 1);
     slider("token", "selected token", 0, 600, 1);
+    // the video's clock: frame rate and seconds per frame group (2 frames) are two views of one setting
+    const perGrid = document.createElement("input");
+    Object.assign(perGrid, { type: "number", name: "secondPerGrid", min: 0.25, max: 4, step: 0.25, value: 2 / state.fps });
+    perGrid.style.width = "56px";
+    const fps = slider("fps", "frame rate (fps)", 0.5, 8, 0.5, () => { perGrid.value = 2 / state.fps; });
+    add("seconds per grid", perGrid);
+    perGrid.addEventListener("input", () => {
+      if (!(+perGrid.value > 0)) return;
+      state.fps = 2 / +perGrid.value; fps.input.value = state.fps; fps.shown.textContent = +state.fps.toFixed(3);
+      render(rootEl, state);
+    });
+    slider("tokensPerSecond", "ids per second", 1, 4, 1);
+    const model = document.createElement("select");
+    model.name = "model";
+    Object.keys(MODELS).forEach((v) => { const o = document.createElement("option"); o.value = v; o.textContent = MODELS[v].name; model.appendChild(o); });
+    model.value = state.model || "qwen2_vl";
+    add("model", model);
     const layout = document.createElement("select");
     layout.name = "layout";
     const presets = { contiguous: [16, 24, 24], interleaved: [24, 20, 20] };
@@ -284,6 +394,12 @@
       state.layout = layout.value; state.section = presets[layout.value]; render(rootEl, state);
     });
     add("sections", layout);
+    model.addEventListener("change", () => {
+      const preset = MODELS[model.value];
+      Object.assign(state, { model: model.value, layout: preset.layout, section: preset.section, theta: preset.theta });
+      layout.value = preset.layout;
+      render(rootEl, state);
+    });
     rootEl.querySelector("svg").addEventListener("click", (event) => {
       const token = event.target.getAttribute && event.target.getAttribute("data-token");
       if (token === null || token === undefined) return;
@@ -296,5 +412,5 @@
     return state;
   }
 
-  root.QwenMrope = { version: "1", roundHalfEven, smartResize, ropeIndex, streamIndex, invFreq, buildSegments, mount, render };
+  root.QwenMrope = { version: "2", MODELS, roundHalfEven, smartResize, pyFixed1, frameTimestamps, timestampTokens, absoluteTime, ropeIndex, streamIndex, invFreq, buildSegments, mount, render };
 })(typeof window !== "undefined" ? window : globalThis);
