@@ -19,9 +19,10 @@ keys are mapped onto them by :class:`qwen_edu.models.layouts.MoeLayout`.
 **Dispatch.** Looping over tokens would be hopeless, and computing every expert for every token
 throws away the point of sparsity. :class:`Experts` sorts the ``T * k`` (token, slot) pairs by
 expert so each expert's tokens are one contiguous block, then runs one matmul per expert block --
-either as a single grouped matmul (``torch.nn.functional.grouped_mm``) or as a loop over the
-non-empty blocks (faster on CPU, see ``bench/bench_moe.py``) -- and finally puts the rows back in
-token order and sums each token's k weighted contributions (the order transformers' ``grouped_mm``
+as a single grouped matmul (``torch.nn.functional.grouped_mm``, the default wherever its kernel takes
+the operands) or as a Python loop over the non-empty blocks (the fallback; on CPU it is about as fast
+for inference but ~3x slower to train with many small experts, see ``bench/bench_moe.py``) -- and
+finally puts the rows back in token order and sums each token's k weighted contributions (the order transformers' ``grouped_mm``
 path uses, so fp32 results agree to rounding and bf16 results follow the same rounding steps).
 
 **Load balancing.** :func:`router_stats` collects, per expert, how many (token, slot) assignments it
@@ -54,8 +55,17 @@ __all__ = [
 ]
 
 #: How :class:`Experts` runs its per-expert matmuls once the tokens are grouped by expert.
-#: ``"auto"`` picks ``"loop"`` on CPU (measured faster there) and ``"grouped_mm"`` elsewhere.
+#: ``"auto"``: ``"grouped_mm"`` when the kernel accepts the operands (on CPU: 16-byte aligned strides,
+#: i.e. ``moe_intermediate_size * element size`` a multiple of 16), else ``"loop"``.
 EXPERT_IMPLEMENTATIONS = ("auto", "loop", "grouped_mm")
+
+
+@torch.no_grad()
+def _uniform_fan_in_(weight: torch.Tensor) -> None:
+    """``nn.Linear``'s default scale, ``U(-1/sqrt(in), 1/sqrt(in))`` per ``[out, in]`` matrix, so a freshly
+    built block is usable; trained or loaded weights overwrite it (on the meta device it is a no-op)."""
+    bound = weight.shape[-1] ** -0.5
+    weight.uniform_(-bound, bound)
 
 
 class TopKRouter(nn.Module):
@@ -73,6 +83,7 @@ class TopKRouter(nn.Module):
             raise ValueError(f"num_experts_per_tok={top_k} must be between 1 and num_experts={num_experts}")
         self.num_experts, self.top_k, self.norm_topk_prob = num_experts, top_k, norm_topk_prob
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        _uniform_fan_in_(self.weight)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x [T, H]`` -> ``(logits [T, E] model dtype, weights [T, k] model dtype, indices [T, k])``."""
@@ -115,6 +126,8 @@ class Experts(nn.Module):
         self.num_experts, self.intermediate_size = num_experts, intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        _uniform_fan_in_(self.gate_up_proj)
+        _uniform_fan_in_(self.down_proj)
         self.implementation = implementation
 
     @property
@@ -129,10 +142,8 @@ class Experts(nn.Module):
 
     def _grouped_linear(self, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Rows of ``x`` grouped by expert (``counts[e]`` rows each) times ``weight[e]^T``, group by group."""
-        impl = self.implementation
-        if impl == "auto":
-            impl = "loop" if x.device.type == "cpu" else "grouped_mm"
-        if impl == "grouped_mm" and _can_grouped_mm(x, weight):
+        x = x.to(weight.dtype)  # grouped_mm is not autocast-aware; keep both paths alike
+        if self.implementation != "loop" and _can_grouped_mm(x, weight):
             offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
             return F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
         outs, start = [], 0

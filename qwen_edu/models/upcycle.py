@@ -12,8 +12,9 @@ concrete recipe in that spirit (the exact proportions Qwen used are not all publ
    ``ceil(E * I / F)`` times; each copy is shuffled along the intermediate dimension (a different
    permutation per copy) and cut into ``F / I`` slices of ``I`` neurons; the first ``E`` slices become
    the experts (gate/up rows, down columns). Then a fraction ``reinit_fraction`` of each expert's
-   entries is re-drawn at random with the dense tensor's standard deviation (the Qwen2 report
-   re-initialises 50%), so that even two slices holding the same neurons differ.
+   entries is re-drawn at random with the dense tensor's standard deviation (the Qwen2 report describes
+   re-initialising part of each expert; half is the book's default), so that even two slices holding
+   the same neurons differ.
 3. **A fresh router** ``N(0, router_std)``: every expert starts with probability close to ``1 / E``.
 
 Because Qwen1.5-MoE does not renormalise the top-k weights, a token's routed output is
