@@ -100,6 +100,13 @@ def test_the_shipped_thinking_model_thinks_better_than_it_answers_directly():
     assert log["after_thinking"]["accuracy"] > log["after_no_thinking"]["accuracy"] + 0.1
     assert log["after_thinking"]["mean_tokens"] > 2 * log["after_no_thinking"]["mean_tokens"]
     assert log["before_thinking"]["accuracy"] < 0.05  # the SFT model does not know the format
+    # a budget that cuts every think block leaves the model worse off than not thinking at all (it never
+    # saw an unfinished block in training); accuracy comes back as the budget covers the reasoning
+    budgets = log["config"]["budgets"]
+    cut_all = [b for b in budgets if log[f"after_budget_{b}"]["budget_cut_rate"] == 1.0]
+    assert cut_all and all(log[f"after_budget_{b}"]["accuracy"] < log["after_no_thinking"]["accuracy"]
+                           for b in cut_all)
+    assert log[f"after_budget_{budgets[-1]}"]["accuracy"] > log["after_no_thinking"]["accuracy"]
     model = qwen_edu.load_model(path, dtype="float32")
     tokenizer = qwen_edu.load_tokenizer(path)
     assert tokenizer.special_tokens["<think>"] == 1477

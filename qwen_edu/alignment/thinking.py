@@ -8,9 +8,10 @@ run: at the cap the block is closed by force and the model must answer from what
 
 The book reproduces that on its 1.9M-parameter SFT model (``qwen_edu/assets/sft_model``):
 
-* :func:`make_problem` -- sums of 3 or 4 small numbers (``"What is 7 + 12 + 5?"``). The base model
+* :func:`make_problem` -- sums of 2 to 4 small numbers (``"What is 7 + 12 + 5?"``). The base model
   learnt two-number sums (``12 + 35 = 47`` lines), so the worked reasoning is a chain of those:
-  ``7 + 12 = 19.`` / ``19 + 5 = 24.``; the answer is ``7 + 12 + 5 = 24.``;
+  ``7 + 12 = 19.`` / ``19 + 5 = 24.``; the answer is ``7 + 12 + 5 = 24.``. The evaluation uses
+  held-out sums of 3 or 4 numbers (:func:`problem_set`);
 * :func:`thinking_conversations` -- every problem once in each mode, in the Qwen3 chat format
   (:mod:`qwen_edu.tokenizer.qwen3_chat`): ``/think`` with the steps in the think block, ``/no_think``
   with an empty block;
