@@ -86,3 +86,12 @@ def test_the_shipped_runs_support_the_chapter():
     for run in log["balance"].values():
         assert len(run["losses"]) == log["balance_config"]["steps"]
         assert torch.tensor(run["shares"]).sum(-1).allclose(torch.ones(2, 3))
+    # what the chapter states, in every seed: the more global the counts, the more the routing follows
+    # the domain and the more lopsided single sequences may be
+    modes = ("micro_batch", "global_batch", "global_batch_exact")
+    for i, seed in enumerate(log["balance"]["micro_batch"]["seeds"]):
+        runs = [log["balance"][mode]["seeds"][i] for mode in modes]
+        assert all(r["seed"] == seed["seed"] for r in runs)
+        info = [sum(r["information_bits"]) for r in runs]
+        lopsided = [sum(r["row_max_load"]) for r in runs]
+        assert info[0] < info[1] < info[2] and lopsided[0] < lopsided[1] < lopsided[2]

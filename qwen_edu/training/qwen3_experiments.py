@@ -32,7 +32,7 @@ import math
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -282,19 +282,32 @@ def load_runs(path: str | Path | None = None) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def _summary(run: dict[str, Any], seed: int) -> dict[str, Any]:
+    return {"seed": seed, **run["evals"][-1], "information_bits": run["information_bits"],
+            "row_max_load": run["row_max_load"]}
+
+
 def run_experiments(out: str | Path, balance: BalanceConfig = BalanceConfig(), qk: QKNormConfig = QKNormConfig(),
-                    modes: tuple[str, ...] = ("micro_batch", "global_batch", "global_batch_exact")
-                    ) -> dict[str, Any]:
-    """Run both experiments at full length and write ``runs.json`` into ``out``."""
+                    modes: tuple[str, ...] = ("micro_batch", "global_batch", "global_batch_exact"),
+                    seeds: tuple[int, ...] = (0, 1)) -> dict[str, Any]:
+    """Run both experiments at full length and write ``runs.json`` into ``out``.
+
+    The balancing runs are repeated for every seed in ``seeds`` (other documents, initial weights and
+    data order); the log keeps the first seed's full history and every seed's final numbers."""
     torch.set_num_threads(1)
     tokenizer = book_tokenizer()
-    data = (domain_rows(tokenizer, balance.train_rows_per_domain, balance.seq_len, balance.seed),
-            domain_rows(tokenizer, balance.val_rows_per_domain, balance.seq_len, balance.seed + 1))
-    runs = {}
-    for mode in modes:
-        run = balance_run(mode, balance, tokenizer=tokenizer, data=data, progress=True)
-        run.pop("model")
-        runs[mode] = run
+    runs: dict[str, Any] = {}
+    for seed in seeds:
+        config = replace(balance, seed=seed)
+        data = (domain_rows(tokenizer, config.train_rows_per_domain, config.seq_len, seed),
+                domain_rows(tokenizer, config.val_rows_per_domain, config.seq_len, seed + 1))
+        for mode in modes:
+            run = balance_run(mode, config, tokenizer=tokenizer, data=data, progress=True)
+            run.pop("model")
+            summary = _summary(run, seed)
+            if mode not in runs:
+                runs[mode] = {**run, "seeds": []}
+            runs[mode]["seeds"].append(summary)
     qk_data = corpus_rows(tokenizer, qk.n_docs, qk.seq_len, qk.seed)
     qk_runs = {str(flag): qk_norm_run(flag, qk, data=qk_data, tokenizer=tokenizer, progress=True)
                for flag in (True, False)}
@@ -311,12 +324,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="chapter 11's QK-norm and load-balancing runs")
     p.add_argument("--out", required=True, help="folder for runs.json (the shipped one: qwen_edu/assets/qwen3_runs)")
     p.add_argument("--steps", type=int, default=BalanceConfig.steps, help="balancing run length")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="balancing run seeds")
     args = p.parse_args(argv)
-    log = run_experiments(args.out, BalanceConfig(steps=args.steps))
+    log = run_experiments(args.out, BalanceConfig(steps=args.steps), seeds=tuple(args.seeds))
     for mode, run in log["balance"].items():
-        print(mode, {k: round(v, 4) for k, v in run["evals"][-1].items()},
-              [round(b, 3) for b in run["information_bits"]], [round(x, 2) for x in run["row_max_load"]],
-              f"{run['seconds']:.0f} s")
+        for s in run["seeds"]:
+            print(mode, {k: round(v, 4) if isinstance(v, float) else v for k, v in s.items()})
 
 
 if __name__ == "__main__":
