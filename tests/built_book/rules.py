@@ -23,7 +23,6 @@ CODE_COLUMN_CHARS = 88
 # this list). Empty this set, do not add to it.
 LONG_LINE_NOTEBOOKS = frozenset({
     "05_alignment_sft_reward",
-    "06_alignment_ppo_dpo",
 })
 
 LAYOUT_REPORT: dict[str, dict] = {}  # page -> measurements; tests/built_book/conftest.py prints them
