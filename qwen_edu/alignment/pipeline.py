@@ -48,7 +48,7 @@ PIPELINE_PRESETS: dict[str, PipelineConfig] = {
                             RewardConfig(steps=150, batch_size=16, lr=3e-4),
                             PPOConfig(batch_size=32, mini_batch_size=16, ppo_epochs=2, lr=3e-5, kl_coef=0.05,
                                       max_new_tokens=24),
-                            25, DPOConfig(steps=120, batch_size=16, lr=3e-5, beta=0.2)),
+                            25, DPOConfig(steps=100, batch_size=16, lr=3e-5, beta=0.2)),
 }
 
 
