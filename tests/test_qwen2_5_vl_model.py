@@ -99,7 +99,9 @@ def test_our_checkpoint_round_trips_and_transformers_loads_it(model, tmp_path):
     seconds = torch.tensor([0.5])
     with torch.no_grad():
         mine = model(ids, **video, second_per_grid_ts=seconds).logits
-        assert torch.equal(again(ids, **video, second_per_grid_ts=seconds).logits, mine)
+        # Reloaded weights are bit-equal, but the reloaded model is another computation path
+        # (memory layout picks the matmul blocking): fp32 summation-order rounding only.
+        torch.testing.assert_close(again(ids, **video, second_per_grid_ts=seconds).logits, mine, rtol=1e-5, atol=1e-5)
         theirs = reference(input_ids=ids, mm_token_type_ids=mm_token_type_ids(ids), second_per_grid_ts=seconds,
                            **video).logits
     torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5)  # two fp32 implementations, see the parity tests
