@@ -134,7 +134,9 @@ def test_save_round_trips_and_transformers_reads_it(case, tmp_path):
     assert again.config.layer_types == ref.config.layer_types
     ids = random_ids(seed=4)
     with torch.no_grad():
-        torch.testing.assert_close(again(ids).logits, ref(ids).logits, atol=0, rtol=0)
+        # transformers reloading our save: bit-equal weights, another computation path, so only
+        # fp32 summation-order rounding separates the two.
+        torch.testing.assert_close(again(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_a_hub_config_json_of_the_4x_dialect_reads(tmp_path):
