@@ -22,7 +22,6 @@ CODE_COLUMN_CHARS = 88
 # failures (strict: once a notebook fits, its check reports XPASS and fails until it is taken off
 # this list). Empty this set, do not add to it.
 LONG_LINE_NOTEBOOKS = frozenset({
-    "05_alignment_sft_reward",
 })
 
 LAYOUT_REPORT: dict[str, dict] = {}  # page -> measurements; tests/built_book/conftest.py prints them
