@@ -59,3 +59,21 @@ def test_shipped_sft_and_reward_models_load_and_agree_with_their_log():
         logits = sft(torch.tensor([chosen])).logits
     assert torch.isfinite(logits).all()
     assert scores[0] > scores[1], "the shipped reward model prefers the correct sum"
+
+
+def test_shipped_pmp_study_matches_the_current_reward_recipe():
+    """Chapter 5 plots reward_model/pmp_study.json: it must come from today's reward settings."""
+    from dataclasses import asdict
+
+    from qwen_edu.alignment.assets import PMP_STUDY_FILE
+    from qwen_edu.alignment.pipeline import pipeline_config
+
+    study = json.loads((reward_model_path() / PMP_STUDY_FILE).read_text())
+    assert study["reward_config"] == asdict(pipeline_config("quick").reward), (
+        "the quick preset's reward settings changed: rerun `python -m qwen_edu.alignment.assets --pmp-study`")
+    runs = {(r["start"], r["seed"]) for r in study["runs"]}
+    assert runs == {(s, seed) for s in ("base", "base+pmp", "sft") for seed in study["seeds"]}
+    for run in study["runs"]:
+        steps = [step for step, _ in run["curve"]]
+        assert steps[0] == 1 and steps[-1] == study["steps"]
+        assert all(0 <= accuracy <= 1 for _, accuracy in run["curve"])
