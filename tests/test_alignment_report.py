@@ -13,6 +13,7 @@ def test_values_are_formatted_not_dumped():
     assert format_value(None) == "\u2014"
     assert format_value(True) == "yes"
     assert format_value(0.4609375, ".0%") == "46%"
+    assert format_value(-0.0) == "0.000"  # no negative zero
 
 
 def test_table_text_and_html():
@@ -25,7 +26,7 @@ def test_table_text_and_html():
     assert len({len(line) for line in lines[1:3]}) == 1  # header and rule line up
     page = table._repr_html_()
     assert page.count("<tr>") == 3 and "PPO &lt;b&gt;" in page and "<caption>after training</caption>" in page
-    assert '<td style="text-align: right">-0.531</td>' in page  # numbers right-aligned
+    assert '<td style="text-align: right; padding: 0.15em 0.7em">-0.531</td>' in page  # numbers right-aligned
 
 
 def test_table_errors_name_the_problem():

@@ -21,6 +21,8 @@ def format_value(value: Any, spec: str | None = None) -> str:
     with three decimals, ``None`` as an em dash, anything else as ``str``."""
     if value is None:
         return "\u2014"
+    if isinstance(value, Real) and not isinstance(value, bool) and value == 0:
+        value = abs(value)  # no "-0.000" for a rounded negative zero
     if spec is not None:
         return format(value, spec)
     if isinstance(value, bool):
@@ -79,8 +81,8 @@ class Table:
         right = self._right()
 
         def cell(tag: str, text: str, align_right: bool) -> str:
-            style = ' style="text-align: right"' if align_right else ' style="text-align: left"'
-            return f"<{tag}{style}>{html.escape(text)}</{tag}>"
+            align = "right" if align_right else "left"
+            return f'<{tag} style="text-align: {align}; padding: 0.15em 0.7em">{html.escape(text)}</{tag}>'
 
         head = "".join(cell("th", c, r) for c, r in zip(self.columns, right))
         body = "".join("<tr>" + "".join(cell("td", v, r) for v, r in zip(row, right)) + "</tr>"
