@@ -185,7 +185,9 @@ def test_save_writes_the_original_layout_back(model, folder, tmp_path, batch):
     assert all(torch.equal(saved[k], original[k]) for k in original)
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "qwen" and config["visual"] == ref.TINY_VISUAL
-    assert torch.equal(_logits(qwen_edu.load_model(out), batch), _logits(model, batch))
+    # the weights are bit-equal (above); the reloaded model's kernels may round differently (fp32)
+    torch.testing.assert_close(_logits(qwen_edu.load_model(out), batch), _logits(model, batch),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_save_of_a_small_model_records_its_extra_visual_keys(tmp_path):
