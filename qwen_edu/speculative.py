@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -120,23 +121,26 @@ def mtp_speculative_generate(model: Qwen3NextForCausalLM, input_ids: torch.Tenso
 
 def compare_speed(model: Qwen3NextForCausalLM, input_ids: torch.Tensor, max_new_tokens: int = 64,
                   num_draft: int = 1, repeats: int = 3) -> dict[str, float]:
-    """Median wall time of plain greedy :func:`qwen_edu.generate` and of MTP speculative decoding.
+    """Median CPU time of plain greedy :func:`qwen_edu.generate` and of MTP speculative decoding.
 
-    Both run with eos disabled so they produce the same number of tokens; returns tokens/s of each,
-    the speed-up, and the acceptance rate.
+    CPU time of this process (all its threads), so that other programs on a shared machine do not
+    slow one side more than the other; the runs alternate for the same reason. Both run with eos
+    disabled so they produce the same number of tokens; returns tokens/s of each, the speed-up, and
+    the acceptance rate.
     """
     from qwen_edu.generation import generate
 
-    def timed(fn):  # type: ignore[no-untyped-def]
-        times, value = [], None
-        for _ in range(repeats):
-            start = time.perf_counter()
-            value = fn()
-            times.append(time.perf_counter() - start)
-        return sorted(times)[len(times) // 2], value
-
-    plain_s, plain = timed(lambda: generate(model, input_ids, max_new_tokens=max_new_tokens, eos_token_id=[]))
-    spec_s, spec = timed(lambda: mtp_speculative_generate(model, input_ids, max_new_tokens, num_draft, eos_token_id=[]))
+    runs = {"plain": lambda: generate(model, input_ids, max_new_tokens=max_new_tokens, eos_token_id=[]),
+            "spec": lambda: mtp_speculative_generate(model, input_ids, max_new_tokens, num_draft, eos_token_id=[])}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    values: dict[str, Any] = {}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            start = time.process_time()
+            values[name] = fn()
+            times[name].append(time.process_time() - start)
+    plain_s, spec_s = (sorted(times[name])[len(times[name]) // 2] for name in runs)
+    plain, spec = values["plain"], values["spec"]
     if not torch.equal(plain, spec.tokens):
         raise AssertionError("speculative decoding changed the greedy output")
     return {"plain_tok_s": max_new_tokens / plain_s, "speculative_tok_s": max_new_tokens / spec_s,
