@@ -1,0 +1,129 @@
+"""Chapter 10's data and training: exact answers, the three input variants, a training step that learns,
+and the shipped models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from qwen_edu.corpus.vl_resolution import DIRECTIONS, VLVocab, make_example, make_examples
+from qwen_edu.training.qwen2_vl import (
+    FIXED_SIDE,
+    VARIANTS,
+    VLTrainConfig,
+    collate,
+    encode_example,
+    position_ids,
+    small_model_config,
+    train_variant,
+)
+
+VOCAB = VLVocab()
+
+
+def test_examples_are_deterministic_and_varied():
+    first, again = make_examples("read", 20, seed=3), make_examples("read", 20, seed=3)
+    assert all(np.array_equal(np.asarray(a.frames[0]), np.asarray(b.frames[0])) for a, b in zip(first, again))
+    assert [e.answer for e in first] == [e.answer for e in again]
+    sizes = {e.size for e in make_examples("read", 200)}
+    assert len(sizes) > 20 and max(max(h / w, w / h) for h, w in sizes) > 3  # many sizes and aspect ratios
+
+
+def test_the_digit_is_drawn_where_the_example_says():
+    for example in make_examples("read", 30, seed=1):
+        x1, y1, x2, y2 = example.info["box"]
+        ink = np.asarray(example.frames[0]).max(-1) < 60  # the digit is the only near-black thing
+        ys, xs = np.nonzero(ink)
+        assert len(xs) > 10
+        assert x1 - 1 <= xs.min() and xs.max() <= x2 and y1 - 1 <= ys.min() and ys.max() <= y2  # glyph ~ box
+        assert xs.min() // 14 == (xs.max()) // 14 and ys.min() // 14 == ys.max() // 14  # inside one patch
+
+
+def test_the_shape_moves_the_way_the_answer_says():
+    offsets = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
+    for example in make_examples("move", 40, seed=2):
+        frames = [np.asarray(f).astype(int) for f in example.frames]
+        assert len(frames) == 2 * example.info["groups"]
+        centres = []
+        for g in range(0, len(frames), 2):
+            assert np.array_equal(frames[g], frames[g + 1])  # still within a temporal patch
+            background = frames[g][0, 0]
+            ys, xs = np.nonzero(np.abs(frames[g] - background).sum(-1) > 30)
+            centres.append((ys.mean(), xs.mean()))
+        dy, dx = np.sign(np.subtract(centres[1], centres[0])).astype(int)
+        assert offsets[example.answer] == (dy, dx)
+    assert {e.answer for e in make_examples("move", 40)} == set(DIRECTIONS)
+
+
+def test_encoding_puts_the_loss_on_the_answer_only():
+    example = make_example("read", 5)
+    enc = encode_example(example, VOCAB)
+    n_pads = int(enc.grid.prod()) // 4
+    assert enc.input_ids[:n_pads + 2] == [VOCAB.vision_start_id] + [VOCAB.image_id] * n_pads + [VOCAB.vision_end_id]
+    answer = [i for i, label in zip(enc.input_ids, enc.labels) if label != -100]
+    assert VOCAB.decode(answer) == f"{example.answer} <|endoftext|>"
+    h, w = example.size
+    assert enc.grid.tolist() == [[1, h // 14, w // 14]]  # dynamic: the picture's own size (multiples of 28)
+
+
+def test_the_fixed_variant_squashes_every_picture_to_one_square():
+    side = FIXED_SIDE // 14
+    for task in ("read", "move"):
+        enc = encode_example(make_example(task, 9), VOCAB, "fixed")
+        assert enc.grid[0, 1:].tolist() == [side, side]
+        assert enc.pixels.shape == (int(enc.grid.prod()), 1176)
+
+
+def test_collate_packs_images_and_videos_and_positions_follow_the_variant():
+    items = [encode_example(make_example(task, i), VOCAB) for i, task in enumerate(["read", "move", "read"])]
+    batch = collate(items, VOCAB.eos_id)
+    assert batch["image_grid_thw"].shape == (2, 3) and batch["video_grid_thw"].shape == (1, 3)
+    assert batch["pixel_values"].shape[0] == int(batch["image_grid_thw"].prod(-1).sum())
+    assert batch["attention_mask"].sum(-1).tolist() == [len(e.input_ids) for e in items]
+    from qwen_edu.models.qwen2_vl import Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration(small_model_config(VOCAB))
+    one_d = position_ids(model, batch, "1d")
+    mrope = position_ids(model, batch, "mrope")
+    n = len(items[0].input_ids)
+    assert one_d[:, 0, :n].tolist() == [list(range(n))] * 3
+    assert int(mrope[:, 0, :n].max()) < n - 1  # M-RoPE ids stay smaller than the token count
+
+
+def test_a_few_training_steps_lower_the_loss():
+    config = VLTrainConfig(steps=12, batch_size=6, warmup_steps=2, lr=1e-3)
+    _, log = train_variant(config, VOCAB)
+    assert len(log) == 12
+    assert np.mean([r["loss"] for r in log[-3:]]) < np.mean([r["loss"] for r in log[:3]])
+
+
+def test_bad_settings_are_clear_errors():
+    with pytest.raises(ValueError, match="resolution must be 'dynamic' or 'fixed'"):
+        VLTrainConfig(resolution="native")
+    with pytest.raises(ValueError, match="unknown task 'count'"):
+        make_example("count", 0)
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        VOCAB.encode("which colour ?")
+
+
+def test_the_shipped_models_and_their_card_agree():
+    from qwen_edu.training.qwen2_vl import asset_path, eval_examples, evaluate, load_variant
+
+    metrics = json.loads((asset_path("dynamic") / "metrics.json").read_text())
+    assert set(metrics["variants"]) == set(VARIANTS)
+    card = (asset_path("dynamic") / "README.md").read_text()
+    for name, record in metrics["variants"].items():
+        assert f"| `{name}` |" in card and f"{record['metrics']['read']:.3f}" in card
+    assert metrics["tokens"]["fixed"] >= metrics["tokens"]["dynamic"]  # fixed gets at least the budget
+    for name, record in metrics["variants"].items():  # `python -m qwen_edu.training.qwen2_vl` rebuilds them
+        assert {k: record["config"][k] for k in VARIANTS[name]} == VARIANTS[name]
+        assert record["config"]["steps"] == VLTrainConfig().steps and record["config"]["seed"] == 0
+        assert record["eval_count_per_task"] == 300 and record["metrics"]["n"] == 600
+    model, settings = load_variant("dynamic")
+    held_out = eval_examples(300)[::15] + eval_examples(300)[300::15]  # 20 + 20 of the recorded set
+    result = evaluate(model, held_out, VOCAB, **settings)
+    recorded = metrics["variants"]["dynamic"]["metrics"]
+    for task in ("read", "move"):  # a 20-example subset of the 300 recorded: within a few standard errors
+        assert abs(result[task] - recorded[task]) <= 0.3
