@@ -127,3 +127,20 @@ def test_the_shipped_models_and_their_card_agree():
     recorded = metrics["variants"]["dynamic"]["metrics"]
     for task in ("read", "move"):  # a 20-example subset of the 300 recorded: within a few standard errors
         assert abs(result[task] - recorded[task]) <= 0.3
+
+
+def test_the_shipped_numbers_say_what_chapter_10_says():
+    """The chapter's reading of the ablation: nobody reads the digit, only the fixed square learned *move*,
+    and the two dynamic-resolution models stay near the guessing loss."""
+    import math
+
+    from qwen_edu.training.qwen2_vl import asset_path
+
+    variants = json.loads((asset_path("dynamic") / "metrics.json").read_text())["variants"]
+    accuracy = {name: record["metrics"] for name, record in variants.items()}
+    loss = {name: record["final_loss"] for name, record in variants.items()}
+    guess = (math.log(10) + math.log(4)) / 4  # uniform over 10 digits / 4 directions, ~0 on the end token
+    assert max(a["read"] for a in accuracy.values()) < 0.15  # chance 0.10
+    assert accuracy["fixed"]["move"] > 0.95 and abs(loss["fixed"] - math.log(10) / 4) < 0.03
+    for name in ("dynamic", "rope_1d"):
+        assert accuracy[name]["move"] < 0.4 and abs(loss[name] - guess) < 0.03
