@@ -3,8 +3,8 @@
 Two tasks, drawn from seeds with Pillow (shapes and glyphs come from :mod:`qwen_edu.corpus.scenes`):
 
 * **read** -- a picture of some size between 56 and 252 pixels per side (aspect ratios up to 4.5:1) holds one
-  small dark digit among a few coloured shapes; the question is which digit it is. The glyph is about
-  9 pixels tall: legible at the picture's own resolution, a blur once a large or elongated picture is
+  small dark digit among a few coloured shapes; the question is which digit it is. The glyph's box is
+  11-12 pixels a side (``READ_GLYPH``), inside one 14 px patch: legible at the picture's own resolution, a blur once a large or elongated picture is
   squashed to a fixed square -- the case dynamic resolution is for.
 * **move** -- a short video (4 or 6 frames) in which a coloured shape stands still for two frames, jumps
   by 1-2 merged tokens (28-56 px) left, right, up or down, and so on; the question is which way it moves. A
@@ -107,7 +107,7 @@ def _free_box(rng: random.Random, height: int, width: int, side: int, taken: lis
 
 
 def make_read_example(seed: int) -> VLExample:
-    """A ``(h, w)`` picture with one ~9 px digit among 0-3 coloured shapes of similar size."""
+    """A ``(h, w)`` picture with one 11-12 px digit among 0-2 coloured shapes of 6-9 px."""
     from PIL import Image, ImageDraw
 
     rng = random.Random(seed)
