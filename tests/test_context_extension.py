@@ -183,9 +183,10 @@ def test_nothing_switched_on_changes_nothing():
     model = _tiny_model(layers=2)
     ids = torch.randint(0, 97, (2, 40))
     same = extend_context(model, training_length=16, window_sizes=[64, 64])
-    # Exact on purpose: windows longer than the sequence take the very same code path as no window,
-    # so this is a deterministic repeat of one computation, not two paths that may round differently.
-    torch.testing.assert_close(same(ids).logits, model(ids).logits, rtol=0, atol=0)
+    # Windows longer than the sequence take the same code path as no window. The copy's weights are
+    # bit-equal but live elsewhere in memory, and a kernel may pick another SIMD path for them, so allow
+    # fp32 rounding; any real change (a window that cuts, a scaled position) moves logits by far more.
+    torch.testing.assert_close(same(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-6)
     assert model.model.layers[0].self_attn.sliding_window is None, "the original model is left alone"
 
 
@@ -208,8 +209,9 @@ def test_logn_changes_only_positions_beyond_the_training_length():
     model = _tiny_model(layers=2)
     ids = torch.randint(0, 97, (2, 24))
     scaled = extend_context(model, training_length=16, logn=True)
-    # Up to T the LogN branch is not taken at all: the same computation, hence exactly equal.
-    torch.testing.assert_close(scaled(ids[:, :16]).logits, model(ids[:, :16]).logits, rtol=0, atol=0)
+    # Up to T the LogN branch is not taken at all: the same computation on a copy of the weights, so
+    # equal up to fp32 rounding (see test_nothing_switched_on_changes_nothing).
+    torch.testing.assert_close(scaled(ids[:, :16]).logits, model(ids[:, :16]).logits, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(scaled(ids).logits[:, 16:], model(ids).logits[:, 16:])
 
 

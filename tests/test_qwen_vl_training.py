@@ -17,12 +17,12 @@ from qwen_edu.tokenizer.qwen_vl import QWEN_VL_TOKENS, load_qwen_vl_tokenizer, p
 from qwen_edu.training import IGNORE_INDEX, base_model_path
 from qwen_edu.training.qwen_vl import (
     VLSettings,
-    _image_label,
     build_model,
     build_tokenizer,
     collate,
     encode_example,
     evaluate,
+    evaluation_requests,
     generate_answers,
     held_out_scenes,
     model_card,
@@ -173,14 +173,14 @@ def test_the_shipped_model_repeats_its_recorded_answers(shipped):
     recorded = log["stages"][-1]["metrics"]["samples"]
     scenes = held_out_scenes(len(recorded))
     assert [s.seed for s in scenes] == [r["seed"] for r in recorded]
-    picture = [f"Picture 1: <img>{_image_label(s)}</img>\n" for s in scenes]
-    requests = {"caption": [p + "Describe the picture." for p in picture],
-                "answer": [p + r["question"] for p, r in zip(picture, recorded)],
-                "ground": [p + f"Where is the {r['target']}?" for p, r in zip(picture, recorded)]}
+    requests, qas, targets = evaluation_requests(scenes, "chat")  # what the last stage was asked
+    assert [qa.question for qa in qas] == [r["question"] for r in recorded]
+    assert [o.name for o in targets] == [r["target"] for r in recorded]
     images = [s.image for s in scenes]
-    answers = {field: generate_answers(model, tok, [("chat", q) for q in asked], images, 96)
-               for field, asked in requests.items()}
-    same = sum(all(answers[f][i] == r[f] for f in requests) for i, r in enumerate(recorded))
+    answers = {task: generate_answers(model, tok, [("chat", q) for q in asked], images, 96)
+               for task, asked in requests.items()}
+    logged_as = {"caption": "caption", "vqa": "answer", "ground": "ground"}  # sample keys of the log
+    same = sum(all(answers[t][i] == r[logged_as[t]] for t in requests) for i, r in enumerate(recorded))
     # Greedy decoding can flip on a near-tie when another CPU rounds a matmul differently: allow one or two.
     assert same >= len(recorded) - 2, (answers, recorded)
 

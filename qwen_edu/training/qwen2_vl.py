@@ -366,11 +366,12 @@ def model_card(summary: dict[str, Any]) -> str:
     main = summary["variants"]["dynamic"]
     tokens = summary["tokens"]
     guess_loss = (math.log(10) + math.log(4)) / 4  # uniform guess on the answer, ~0 on the end token
-    above = [f"`{name}` on *{task}* ({r['metrics'][task]:.3f})" for name, r in summary["variants"].items()
-             for task, bar in (("read", 0.2), ("move", 0.4)) if r["metrics"][task] > bar]
     chance = {"read": 0.1, "move": 0.25}
-    excess = max(r["metrics"][task] - chance[task] for r in summary["variants"].values() for task in chance
-                 if r["metrics"][task] <= {"read": 0.2, "move": 0.4}[task])
+    learned = {"read": 0.2, "move": 0.4}  # the card's bar for "clearly above chance": 5+ standard errors
+    above = [f"`{name}` on *{task}* ({r['metrics'][task]:.3f})" for name, r in summary["variants"].items()
+             for task, bar in learned.items() if r["metrics"][task] > bar]
+    excess = max((r["metrics"][task] - chance[task] for r in summary["variants"].values() for task in chance
+                  if r["metrics"][task] <= learned[task]), default=0.0)
     rest = (f"Every other accuracy is at most {excess:.3f} above chance (read 0.100, move 0.250; one standard"
             f" error is about 0.02 with 300 examples); the uniform guess's loss is {guess_loss:.3f}.")
     verdict = ("Clearly above chance: " + ", ".join(above) + ". " + rest if above

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen_edu.corpus.scenes import COLOURS, KINDS, Scene, make_scene
+from qwen_edu.corpus.scenes import COLOURS, KINDS, QA, Scene, SceneObject, make_scene
 from qwen_edu.models.qwen_vl import QwenVLConfig, QwenVLForCausalLM
 from qwen_edu.tokenizer.qwen_vl import (
     QwenVLTokenizer,
@@ -79,6 +79,7 @@ __all__ = [
     "train_stage",
     "generate_answers",
     "held_out_scenes",
+    "evaluation_requests",
     "evaluate",
     "run_pipeline",
     "main",
@@ -513,14 +514,13 @@ def held_out_scenes(count: int, size: int = 96) -> list[Scene]:
     return [_scene(HELD_OUT_SEED + i, size) for i in range(count)]
 
 
-def evaluate(model: QwenVLForCausalLM, tokenizer: QwenVLTokenizer, scenes: Sequence[Scene], image_size: int,
-             fmt: str = "plain") -> dict[str, Any]:
-    """Caption accuracy, VQA accuracy (per question type too) and grounding IoU on ``scenes``.
+def evaluation_requests(scenes: Sequence[Scene], fmt: str = "plain"
+                        ) -> tuple[dict[str, list[str]], list[QA], list[SceneObject]]:
+    """What :func:`evaluate` asks about each scene: ``(requests, questions, target objects)``.
 
-    ``fmt="plain"`` asks with the stage-2 prompts, ``"chat"`` with stage-3 ChatML instructions, and
-    ``"pretrain"`` like ``"plain"`` but captions with the bare stage-1 prompt (the picture alone). Each scene
-    gets one caption request, one question and one grounding request (question and object drawn from the
-    scene's seed, so any subset of scenes gets the same requests).
+    ``requests`` maps "caption", "vqa" and "ground" to one prompt per scene, in the format of ``fmt`` (see
+    :func:`evaluate`). The question and the object to ground are drawn from the scene's own seed, so any
+    subset of scenes gets the same requests.
     """
     picked = [(rng.choice(s.questions), rng.choice(s.objects)) for s in scenes for rng in [random.Random(s.seed)]]
     qas, targets = [qa for qa, _ in picked], [obj for _, obj in picked]
@@ -534,6 +534,18 @@ def evaluate(model: QwenVLForCausalLM, tokenizer: QwenVLTokenizer, scenes: Seque
         requests = {"caption": [p + prompt for p in picture],
                     "vqa": [p + qa.question + ANSWER_SUFFIX for p, qa in zip(picture, qas)],
                     "ground": [f"{p}<ref>the {o.name}</ref>" for p, o in zip(picture, targets)]}
+    return requests, qas, targets
+
+
+def evaluate(model: QwenVLForCausalLM, tokenizer: QwenVLTokenizer, scenes: Sequence[Scene], image_size: int,
+             fmt: str = "plain") -> dict[str, Any]:
+    """Caption accuracy, VQA accuracy (per question type too) and grounding IoU on ``scenes``.
+
+    ``fmt="plain"`` asks with the stage-2 prompts, ``"chat"`` with stage-3 ChatML instructions, and
+    ``"pretrain"`` like ``"plain"`` but captions with the bare stage-1 prompt (the picture alone). Each scene
+    gets one caption request, one question and one grounding request (:func:`evaluation_requests`).
+    """
+    requests, qas, targets = evaluation_requests(scenes, fmt)
     images = [s.image for s in scenes]
     kind = "chat" if fmt == "chat" else "plain"
     answers = {task: generate_answers(model, tokenizer, [(kind, r) for r in reqs], images, image_size)
