@@ -111,7 +111,10 @@ def test_parity_hf_samples(qwen, from_tokenizer_json, hf_reference, name):
 
 
 @settings(max_examples=120, deadline=None)
-@given(st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=50))
+# Unassigned code points (Cn) are left out: regex engines disagree on them with their Unicode versions
+# (U+18D80 is a letter to the `regex` package here, not to HF tokenizers' Oniguruma tables), as in
+# tests/test_tokenizer_qwen.py.
+@given(st.text(alphabet=st.characters(exclude_categories=("Cs", "Cn")), max_size=50))
 def test_parity_hf_hypothesis(qwen, from_tokenizer_json, hf_reference, text):
     expected = qwen.encode_ordinary(text)
     assert from_tokenizer_json.encode_ordinary(text) == expected
