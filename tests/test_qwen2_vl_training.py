@@ -8,12 +8,22 @@ import json
 import numpy as np
 import pytest
 
-from qwen_edu.corpus.vl_resolution import DIRECTIONS, VLVocab, make_example, make_examples
+from qwen_edu.corpus.vl_resolution import (
+    CURRICULUM_SIDES,
+    DIRECTIONS,
+    SIDES,
+    VIDEO_SIDES,
+    VLVocab,
+    make_example,
+    make_examples,
+)
 from qwen_edu.training.qwen2_vl import (
     FIXED_SIDE,
     VARIANTS,
     VLTrainConfig,
+    _training_examples,
     collate,
+    curriculum_side,
     encode_example,
     position_ids,
     small_model_config,
@@ -55,6 +65,30 @@ def test_the_shape_moves_the_way_the_answer_says():
         dy, dx = np.sign(np.subtract(centres[1], centres[0])).astype(int)
         assert offsets[example.answer] == (dy, dx)
     assert {e.answer for e in make_examples("move", 40)} == set(DIRECTIONS)
+
+
+def test_max_side_caps_the_picture_and_a_one_token_picture_holds_the_digit_alone():
+    for seed in range(40):
+        small = make_example("read", seed, max_side=28)
+        assert small.size == (28, 28) and small.info["distractors"] == 0  # one merged token: the digit
+        mid = make_example("read", seed, max_side=112)
+        assert max(mid.size) <= 112 and set(mid.size) <= set(CURRICULUM_SIDES)
+        video = make_example("move", seed, max_side=28)
+        assert video.size == (56, 56)  # a video needs room to move: never under 2 x 2 tokens
+    held_out = {e.size for e in make_examples("read", 300)}
+    assert {s for size in held_out for s in size} == set(SIDES)  # no max_side: the full sizes, never 28
+    assert {s for e in make_examples("move", 100) for s in e.size} == set(VIDEO_SIDES)
+    with pytest.raises(ValueError, match="max_side=14 is below the smallest picture side"):
+        make_example("read", 0, max_side=14)
+
+
+def test_the_curriculum_grows_the_pictures_in_equal_stages_then_trains_at_full_size():
+    config = VLTrainConfig(steps=90, curriculum_steps=45)
+    sides = [curriculum_side(step, config) for step in range(90)]
+    assert sides[:5] == [28] * 5 and sides[5] == 56 and sides[44] == 252 and set(sides[45:]) == {None}
+    assert [sides.count(s) for s in CURRICULUM_SIDES] == [5] * len(CURRICULUM_SIDES)
+    assert max(max(e.size) for e in _training_examples(0, config) if e.task == "read") == 28
+    assert curriculum_side(0, VLTrainConfig(curriculum_steps=0)) is None  # no curriculum
 
 
 def test_encoding_puts_the_loss_on_the_answer_only():

@@ -238,3 +238,19 @@ def test_loss_goes_down_on_learnable_data():
     data = PackedDataset(pack_sequences(docs, seq_len=16, eos_id=95))
     result = Trainer(tiny_model(), _cfg(max_steps=30, lr=3e-2), data).train()
     assert result.losses[-1] < 0.3 * result.losses[0]
+
+
+def test_train_steps_follows_the_schedule_and_learns():
+    from qwen_edu.training.optim import lr_at_step, train_steps
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    x = torch.randn(64, 4)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+    seen: list[int] = []
+    log = train_steps(model, lambda step: F.mse_loss(model(x), y), steps=60, lr=0.1, warmup_steps=5,
+                      on_step=lambda step, loss: seen.append(step))
+    assert seen == list(range(60)) and [r["step"] for r in log] == seen
+    assert [r["lr"] for r in log] == pytest.approx(
+        [lr_at_step(s, max_lr=0.1, warmup_steps=5, total_steps=60, min_lr=0.01) for s in range(60)])
+    assert log[-1]["loss"] < 0.1 * log[0]["loss"]  # a linear fit that AdamW finds quickly

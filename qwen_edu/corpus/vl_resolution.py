@@ -25,6 +25,7 @@ from qwen_edu.corpus.scenes import BACKGROUNDS, COLOURS, draw_object
 
 __all__ = [
     "SIDES",
+    "CURRICULUM_SIDES",
     "DIRECTIONS",
     "QUESTIONS",
     "VLVocab",
@@ -37,6 +38,9 @@ __all__ = [
 
 #: Picture sides (pixels): multiples of 28, so dynamic resolution keeps every picture at its own size.
 SIDES = (56, 84, 112, 140, 168, 196, 224, 252)
+#: Sides a size curriculum steps through (``max_side`` of :func:`make_example`): from one merged token (28 px)
+#: up to the largest held-out picture.
+CURRICULUM_SIDES = (28, *SIDES)
 VIDEO_SIDES = (56, 84, 112, 140)
 DIRECTIONS = ("left", "right", "up", "down")
 QUESTIONS = {"read": "which digit ?", "move": "which way does it move ?"}
@@ -106,13 +110,27 @@ def _free_box(rng: random.Random, height: int, width: int, side: int, taken: lis
     raise ValueError(f"no room for a {side} px box in {height}x{width} px")
 
 
-def make_read_example(seed: int) -> VLExample:
-    """A ``(h, w)`` picture with one 11-12 px digit among 0-2 coloured shapes of 6-9 px."""
+def _sides_up_to(max_side: int | None, sides: tuple[int, ...]) -> tuple[int, ...]:
+    if max_side is None:
+        return sides
+    allowed = tuple(s for s in CURRICULUM_SIDES if s <= max_side)
+    if not allowed:
+        raise ValueError(f"max_side={max_side} is below the smallest picture side ({CURRICULUM_SIDES[0]} px)")
+    return allowed
+
+
+def make_read_example(seed: int, max_side: int | None = None) -> VLExample:
+    """A ``(h, w)`` picture with one 11-12 px digit among 0-2 coloured shapes of 6-9 px.
+
+    ``max_side`` (for a size curriculum) draws both sides from :data:`CURRICULUM_SIDES` up to that many
+    pixels instead of from :data:`SIDES`; a picture under 56 px a side holds the digit alone.
+    """
     from PIL import Image, ImageDraw
 
     rng = random.Random(seed)
+    sides = _sides_up_to(max_side, SIDES)
     while True:
-        height, width = rng.choice(SIDES), rng.choice(SIDES)
+        height, width = rng.choice(sides), rng.choice(sides)
         if max(height, width) / min(height, width) <= 4.5:
             break
     image = Image.new("RGB", (width, height), rng.choice(READ_BACKGROUNDS))
@@ -125,23 +143,26 @@ def make_read_example(seed: int) -> VLExample:
             14 * row + 1 + rng.randint(0, min(READ_JITTER, 13 - side)))
     taken = [(x, y, x + side, y + side)]
     draw_object(draw, digit, taken[0], _INK)
-    for _ in range(rng.randint(*READ_DISTRACTORS)):
+    distractors = rng.randint(*READ_DISTRACTORS) if min(height, width) >= 56 else 0
+    for _ in range(distractors):
         box = _free_box(rng, height, width, rng.randint(6, 9), taken)
         taken.append(box)
         draw_object(draw, rng.choice(_DISTRACTORS), box, rng.choice(list(COLOURS.values())))
     return VLExample("read", [image], QUESTIONS["read"], digit, {"box": taken[0], "distractors": len(taken) - 1})
 
 
-def make_move_example(seed: int) -> VLExample:
+def make_move_example(seed: int, max_side: int | None = None) -> VLExample:
     """4 or 6 frames; a shape rests for 2 frames (one temporal patch), then jumps by 1-2 merged tokens one way.
 
     The shape sits in the middle of a 28 px cell (one merged token) and jumps whole cells, so each frame
     group shows it in exactly one token; which way it went is only visible by comparing frame groups.
+    ``max_side`` (a size curriculum) keeps both sides at most that many pixels (but at least 56).
     """
     from PIL import Image, ImageDraw
 
     rng = random.Random(seed)
-    height, width = rng.choice(VIDEO_SIDES), rng.choice(VIDEO_SIDES)
+    sides = VIDEO_SIDES if max_side is None else tuple(s for s in VIDEO_SIDES if s <= max(max_side, 56))
+    height, width = rng.choice(sides), rng.choice(sides)
     rows, cols = height // 28, width // 28
     groups = rng.choice((2, 3)) if max(rows, cols) > 2 else 2  # 3 groups need room for two jumps
     while True:
@@ -165,11 +186,12 @@ def make_move_example(seed: int) -> VLExample:
     return VLExample("move", frames, QUESTIONS["move"], direction, {"step": step, "groups": groups})
 
 
-def make_example(task: str, seed: int) -> VLExample:
+def make_example(task: str, seed: int, max_side: int | None = None) -> VLExample:
+    """One example of ``task`` (``"read"`` or ``"move"``); ``max_side`` caps the picture size (curriculum)."""
     if task == "read":
-        return make_read_example(seed)
+        return make_read_example(seed, max_side)
     if task == "move":
-        return make_move_example(seed)
+        return make_move_example(seed, max_side)
     raise ValueError(f"unknown task {task!r}; choose 'read' or 'move'")
 
 

@@ -16,11 +16,12 @@ linear ramp that reaches ``max_lr`` at step ``warmup_steps - 1``, then half a co
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
-__all__ = ["param_groups", "lr_at_step", "make_optimizer", "make_scheduler"]
+__all__ = ["param_groups", "lr_at_step", "make_optimizer", "make_scheduler", "train_steps"]
 
 
 def param_groups(model: nn.Module, weight_decay: float, *, decay_embeddings: bool = True) -> list[dict]:
@@ -83,3 +84,36 @@ def make_scheduler(optimizer: torch.optim.Optimizer, *, warmup_steps: int, total
         lambda step: lr_at_step(step, max_lr=1.0, warmup_steps=warmup_steps, total_steps=total_steps,
                                 min_lr=min_lr_ratio),
     )
+
+
+def train_steps(model: nn.Module, loss_at: Callable[[int], torch.Tensor], *, steps: int, lr: float,
+                warmup_steps: int, min_lr_ratio: float = 0.1, weight_decay: float = 0.0, clip_norm: float = 1.0,
+                progress: str | None = None, on_step: Callable[[int, float], None] | None = None,
+                ) -> list[dict[str, float]]:
+    """The small models' plain loop: AdamW, warm-up + cosine schedule, gradient clipping, one batch a step.
+
+    ``loss_at(step)`` builds the batch of ``step`` and returns its loss (with the graph); the loop does the
+    rest and returns the per-step log ``{"step", "loss", "lr"}``. ``progress`` names a tqdm bar (None: none).
+    The model is left in train mode; the optimizer is made here, after the caller's initialisation.
+    """
+    model.train()
+    optimizer = make_optimizer(model, lr, weight_decay)
+    log: list[dict[str, float]] = []
+    step_range: Iterable[int] = range(steps)
+    if progress is not None:
+        from tqdm.auto import tqdm
+
+        step_range = tqdm(step_range, desc=progress)
+    for step in step_range:
+        rate = lr_at_step(step, max_lr=lr, warmup_steps=warmup_steps, total_steps=steps, min_lr=min_lr_ratio * lr)
+        for group in optimizer.param_groups:
+            group["lr"] = rate
+        loss = loss_at(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+        optimizer.step()
+        log.append({"step": step, "loss": loss.item(), "lr": rate})
+        if on_step is not None:
+            on_step(step, log[-1]["loss"])
+    return log

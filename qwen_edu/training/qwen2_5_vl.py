@@ -27,7 +27,7 @@ import argparse
 import json
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from importlib.resources import files
 from pathlib import Path
@@ -39,7 +39,7 @@ from qwen_edu.corpus.scenes import BACKGROUNDS, COLOURS, draw_object
 from qwen_edu.corpus.vl_resolution import VLExample, VLVocab
 from qwen_edu.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from qwen_edu.training.loss import causal_lm_loss
-from qwen_edu.training.optim import lr_at_step, make_optimizer
+from qwen_edu.training.optim import train_steps
 from qwen_edu.training.qwen2_vl import Encoded, collate
 from qwen_edu.training.trainer import init_weights
 from qwen_edu.vision.dynamic_resolution import preprocess_video
@@ -184,28 +184,13 @@ def train_variant(config: ClockTrainConfig, vocab: ClockVocab | None = None, pro
     torch.manual_seed(config.seed)
     model = Qwen2_5_VLForConditionalGeneration(small_model_config(vocab))
     init_weights(model.model, std=config.init_std, seed=config.seed)
-    model.train()
-    optimizer = make_optimizer(model, config.lr, weight_decay=0.0)
-    log: list[dict[str, float]] = []
-    steps: Iterable[int] = range(config.steps)
-    if progress:
-        from tqdm.auto import tqdm
 
-        steps = tqdm(steps, desc=config.time_ids)
-    for step in steps:
-        lr = lr_at_step(step, max_lr=config.lr, warmup_steps=config.warmup_steps, total_steps=config.steps,
-                        min_lr=0.1 * config.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    def loss_at(step: int) -> torch.Tensor:
         batch = _batch(_training_examples(step, config), vocab, config.time_ids)
-        loss = causal_lm_loss(_forward(model, batch), batch["labels"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        log.append({"step": step, "loss": loss.item(), "lr": lr})
-        if on_step is not None:
-            on_step(step, log[-1]["loss"])
+        return causal_lm_loss(_forward(model, batch), batch["labels"])
+
+    log = train_steps(model, loss_at, steps=config.steps, lr=config.lr, warmup_steps=config.warmup_steps,
+                      progress=config.time_ids if progress else None, on_step=on_step)
     return model.eval(), log
 
 

@@ -21,7 +21,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from importlib.resources import files
 from pathlib import Path
@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 
-from qwen_edu.corpus.vl_resolution import VLExample, VLVocab, make_example
+from qwen_edu.corpus.vl_resolution import CURRICULUM_SIDES, VLExample, VLVocab, make_example
 from qwen_edu.models.qwen2_vl import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 from qwen_edu.training.loss import causal_lm_loss
-from qwen_edu.training.optim import lr_at_step, make_optimizer
+from qwen_edu.training.optim import train_steps
 from qwen_edu.training.trainer import init_weights
 from qwen_edu.vision.dynamic_resolution import (
     patchify,
@@ -54,6 +54,7 @@ __all__ = [
     "encode_example",
     "collate",
     "position_ids",
+    "curriculum_side",
     "train_variant",
     "predict",
     "evaluate",
@@ -90,8 +91,11 @@ class VLTrainConfig:
 
     resolution: str = "dynamic"  # or "fixed"
     positions: str = "mrope"  # or "1d"
-    steps: int = 1000
+    steps: int = 1500
     batch_size: int = 24
+    # size curriculum (the book's choice): pictures grow from 28 px to full size over the first
+    # ``curriculum_steps`` steps, in equal stages over CURRICULUM_SIDES; 0 trains at full size throughout
+    curriculum_steps: int = 900
     lr: float = 2e-3
     warmup_steps: int = 50
     weight_decay: float = 0.0
@@ -191,12 +195,25 @@ def _forward(model: Qwen2VLForConditionalGeneration, batch: dict[str, Any], posi
 # ---------------------------------------------------------------------------------------------------
 # Training and evaluation
 # ---------------------------------------------------------------------------------------------------
+def curriculum_side(step: int, config: VLTrainConfig) -> int | None:
+    """The largest picture side at ``step`` (None: full size, the held-out distribution).
+
+    Read from scratch, a digit that is one token among dozens gives the answer almost no gradient, and the
+    model stays at the prior; starting from one-token pictures it learns the glyphs first, then where to look.
+    """
+    if step >= config.curriculum_steps:
+        return None
+    stage = step * len(CURRICULUM_SIDES) // config.curriculum_steps
+    return CURRICULUM_SIDES[stage]
+
+
 def _training_examples(step: int, config: VLTrainConfig) -> list[VLExample]:
     """The batch of ``step``: fresh examples from seeds that never reach the evaluation stream."""
     rng = random.Random(config.seed * 7_919 + step)
     tasks = ["move" if rng.random() < config.move_fraction else "read" for _ in range(config.batch_size)]
     base = 10_000_000 * (config.seed + 1) + step * config.batch_size
-    return [make_example(task, base + i) for i, task in enumerate(tasks)]
+    max_side = curriculum_side(step, config)
+    return [make_example(task, base + i, max_side) for i, task in enumerate(tasks)]
 
 
 def train_variant(config: VLTrainConfig, vocab: VLVocab | None = None, progress: bool = False,
@@ -209,29 +226,15 @@ def train_variant(config: VLTrainConfig, vocab: VLVocab | None = None, progress:
     init_weights(model.model, std=config.init_std, seed=config.seed)  # the decoder as for a text model
     if config.vit_init_std is not None:
         init_weights(model.visual, std=config.vit_init_std)
-    model.train()
-    optimizer = make_optimizer(model, config.lr, config.weight_decay)
-    log: list[dict[str, float]] = []
-    steps: Iterable[int] = range(config.steps)
-    if progress:
-        from tqdm.auto import tqdm
 
-        steps = tqdm(steps, desc=f"{config.resolution}/{config.positions}")
-    for step in steps:
-        lr = lr_at_step(step, max_lr=config.lr, warmup_steps=config.warmup_steps, total_steps=config.steps,
-                        min_lr=0.1 * config.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = collate([encode_example(e, vocab, config.resolution) for e in _training_examples(step, config)],
-                        vocab.eos_id)
-        loss = causal_lm_loss(_forward(model, batch, config.positions), batch["labels"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        log.append({"step": step, "loss": loss.item(), "lr": lr})
-        if on_step is not None:
-            on_step(step, log[-1]["loss"])
+    def loss_at(step: int) -> torch.Tensor:
+        examples = _training_examples(step, config)
+        batch = collate([encode_example(e, vocab, config.resolution) for e in examples], vocab.eos_id)
+        return causal_lm_loss(_forward(model, batch, config.positions), batch["labels"])
+
+    log = train_steps(model, loss_at, steps=config.steps, lr=config.lr, warmup_steps=config.warmup_steps,
+                      weight_decay=config.weight_decay,
+                      progress=f"{config.resolution}/{config.positions}" if progress else None, on_step=on_step)
     return model.eval(), log
 
 
