@@ -4,12 +4,13 @@ Two tasks, drawn from seeds with Pillow (shapes and glyphs come from :mod:`qwen_
 
 * **read** -- a picture of some size between 56 and 252 pixels per side (aspect ratios up to 4.5:1) holds one
   small dark digit among a few coloured shapes; the question is which digit it is. The glyph's box is
-  11-12 pixels a side (``READ_GLYPH``), inside one 14 px patch: legible at the picture's own resolution, a blur once a large or elongated picture is
-  squashed to a fixed square -- the case dynamic resolution is for.
-* **move** -- a short video (4 or 6 frames) in which a coloured shape stands still for two frames, jumps
-  by 1-2 merged tokens (28-56 px) left, right, up or down, and so on; the question is which way it moves. A
-  temporal patch spans two frames with the shape at rest, and the ViT attends within a frame group only,
-  so the answer exists nowhere but in comparing frame groups: the temporal axis is needed.
+  14-16 pixels a side (``READ_GLYPH``), near the centre of one 28 px cell (the 2 x 2 patches that become one
+  merged token): legible at the picture's own resolution, small and distorted once a large or elongated
+  picture is squashed to a fixed square -- the case dynamic resolution is for.
+* **move** -- a short video (4 or 6 frames of ``VIDEO_SIDE`` px) in which a coloured shape stands still for
+  two frames, jumps by 1-2 merged tokens (28-56 px) left, right, up or down, and so on; the question is which
+  way it moves. A temporal patch spans two frames with the shape at rest, and the ViT attends within a frame
+  group only, so the answer exists nowhere but in comparing frame groups: the temporal axis is needed.
 
 Prompts use a tiny word-level vocabulary (:class:`VLVocab`) with Qwen2-VL's special tokens, e.g.
 ``<|vision_start|> <|image_pad|> x n <|vision_end|> which digit ?`` -> ``7 <|endoftext|>``.
@@ -26,6 +27,7 @@ from qwen_edu.corpus.scenes import BACKGROUNDS, COLOURS, draw_object
 __all__ = [
     "SIDES",
     "CURRICULUM_SIDES",
+    "VIDEO_SIDE",
     "DIRECTIONS",
     "QUESTIONS",
     "VLVocab",
@@ -41,14 +43,18 @@ SIDES = (56, 84, 112, 140, 168, 196, 224, 252)
 #: Sides a size curriculum steps through (``max_side`` of :func:`make_example`): from one merged token (28 px)
 #: up to the largest held-out picture.
 CURRICULUM_SIDES = (28, *SIDES)
-VIDEO_SIDES = (56, 84, 112, 140)
+#: Side of every video frame: 4 x 4 merged tokens per frame group, one grid for all videos (the task is
+#: about time, not size).
+VIDEO_SIDE = 112
 DIRECTIONS = ("left", "right", "up", "down")
 QUESTIONS = {"read": "which digit ?", "move": "which way does it move ?"}
 _DISTRACTORS = ("circle", "square", "triangle")
-#: Side of the digit's box (the glyph is about as tall) and how many distractor shapes, for the read task.
-READ_GLYPH = (11, 12)
-READ_DISTRACTORS = (0, 2)
+#: Side of the digit's box (the glyph is about as tall), how far it strays from its cell's centre, and how
+#: many distractor shapes, for the read task. (A glyph of 11-12 px inside one 14 px patch was not learned
+#: from scratch in 1,500 steps even with the size curriculum; one that fills the centre of a merged token is.)
+READ_GLYPH = (14, 16)
 READ_JITTER = 2
+READ_DISTRACTORS = (0, 2)
 READ_BACKGROUNDS = BACKGROUNDS
 _INK = (20, 20, 20)  # the digit's colour: darker than every shape colour in COLOURS
 
@@ -120,7 +126,7 @@ def _sides_up_to(max_side: int | None, sides: tuple[int, ...]) -> tuple[int, ...
 
 
 def make_read_example(seed: int, max_side: int | None = None) -> VLExample:
-    """A ``(h, w)`` picture with one 11-12 px digit among 0-2 coloured shapes of 6-9 px.
+    """A ``(h, w)`` picture with one 14-16 px digit among 0-2 coloured shapes of 6-9 px.
 
     ``max_side`` (for a size curriculum) draws both sides from :data:`CURRICULUM_SIDES` up to that many
     pixels instead of from :data:`SIDES`; a picture under 56 px a side holds the digit alone.
@@ -138,9 +144,9 @@ def make_read_example(seed: int, max_side: int | None = None) -> VLExample:
     draw.fontmode = "1"  # no anti-aliasing: the glyph's pixels are exactly the ink colour
     digit = str(rng.randint(0, 9))
     side = rng.randint(*READ_GLYPH)
-    row, col = rng.randrange(height // 14), rng.randrange(width // 14)  # the digit sits in one 14 px patch
-    x, y = (14 * col + 1 + rng.randint(0, min(READ_JITTER, 13 - side)),
-            14 * row + 1 + rng.randint(0, min(READ_JITTER, 13 - side)))
+    row, col = rng.randrange(height // 28), rng.randrange(width // 28)  # the digit's cell: one merged token
+    x = 28 * col + (28 - side) // 2 + rng.randint(-READ_JITTER, READ_JITTER)
+    y = 28 * row + (28 - side) // 2 + rng.randint(-READ_JITTER, READ_JITTER)
     taken = [(x, y, x + side, y + side)]
     draw_object(draw, digit, taken[0], _INK)
     distractors = rng.randint(*READ_DISTRACTORS) if min(height, width) >= 56 else 0
@@ -151,18 +157,20 @@ def make_read_example(seed: int, max_side: int | None = None) -> VLExample:
     return VLExample("read", [image], QUESTIONS["read"], digit, {"box": taken[0], "distractors": len(taken) - 1})
 
 
-def make_move_example(seed: int, max_side: int | None = None) -> VLExample:
+def make_move_example(seed: int, side: int = VIDEO_SIDE) -> VLExample:
     """4 or 6 frames; a shape rests for 2 frames (one temporal patch), then jumps by 1-2 merged tokens one way.
 
     The shape sits in the middle of a 28 px cell (one merged token) and jumps whole cells, so each frame
     group shows it in exactly one token; which way it went is only visible by comparing frame groups.
-    ``max_side`` (a size curriculum) keeps both sides at most that many pixels (but at least 56).
+    Training and the held-out set use ``side=VIDEO_SIDE``; other sides (multiples of 28, at least 56) test
+    whether a model's sense of direction carries over to grids it never saw.
     """
     from PIL import Image, ImageDraw
 
+    if side < 56 or side % 28:
+        raise ValueError(f"a video side must be a multiple of 28 and at least 56 px, got {side}")
     rng = random.Random(seed)
-    sides = VIDEO_SIDES if max_side is None else tuple(s for s in VIDEO_SIDES if s <= max(max_side, 56))
-    height, width = rng.choice(sides), rng.choice(sides)
+    height = width = side
     rows, cols = height // 28, width // 28
     groups = rng.choice((2, 3)) if max(rows, cols) > 2 else 2  # 3 groups need room for two jumps
     while True:
@@ -187,11 +195,14 @@ def make_move_example(seed: int, max_side: int | None = None) -> VLExample:
 
 
 def make_example(task: str, seed: int, max_side: int | None = None) -> VLExample:
-    """One example of ``task`` (``"read"`` or ``"move"``); ``max_side`` caps the picture size (curriculum)."""
+    """One example of ``task`` (``"read"`` or ``"move"``); ``max_side`` caps a read picture's size (curriculum).
+
+    Videos have one size (:data:`VIDEO_SIDE`), so ``max_side`` leaves them alone.
+    """
     if task == "read":
         return make_read_example(seed, max_side)
     if task == "move":
-        return make_move_example(seed, max_side)
+        return make_move_example(seed)
     raise ValueError(f"unknown task {task!r}; choose 'read' or 'move'")
 
 
