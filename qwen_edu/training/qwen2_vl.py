@@ -424,10 +424,11 @@ def model_card(summary: dict[str, Any]) -> str:
         "The main model is in this folder; two ablations, each changing one thing, are in `ablations/`. Sizes",
         f"and schedule are the book's choices: {main['parameters']:,} parameters (ViT width 64 x 2 blocks, decoder",
         f"width 96 x 3 layers, M-RoPE section [4, 4, 4]), {main['config']['steps']:,} steps of"
-        f" {main['config']['batch_size']} fresh examples, AdamW lr"
-        f" {main['config']['lr']}, seed {main['config']['seed']}, in two stages: the first"
-        f" {main['config']['read_steps']:,} steps are *read* only, with pictures growing from 28 px (one merged"
-        f" token) to full size in {len(CURRICULUM_SIDES)} equal stages; the rest mix both tasks at full size.",
+        f" {main['config']['batch_size']} fresh examples,",
+        f"AdamW lr {main['config']['lr']}, seed {main['config']['seed']}, in two stages: the first"
+        f" {main['config']['read_steps']:,} steps are *read* only, with pictures",
+        f"growing from 28 px (one merged token) to full size in {len(CURRICULUM_SIDES)} equal stages; the rest"
+        " mix both tasks at full size.",
         "",
         "Weights: `model.safetensors` in float32 (each variant about 2 MB); `training_log.json` beside each",
         "holds its settings, the loss every few steps, the held-out metrics and the training time;",
