@@ -116,9 +116,10 @@ def _free_box(rng: random.Random, height: int, width: int, side: int, taken: lis
     raise ValueError(f"no room for a {side} px box in {height}x{width} px")
 
 
-def _sides_up_to(max_side: int | None, sides: tuple[int, ...]) -> tuple[int, ...]:
+def _read_sides(max_side: int | None) -> tuple[int, ...]:
+    """The sides a read picture is drawn from: :data:`SIDES`, or the curriculum's up to ``max_side``."""
     if max_side is None:
-        return sides
+        return SIDES
     allowed = tuple(s for s in CURRICULUM_SIDES if s <= max_side)
     if not allowed:
         raise ValueError(f"max_side={max_side} is below the smallest picture side ({CURRICULUM_SIDES[0]} px)")
@@ -134,7 +135,7 @@ def make_read_example(seed: int, max_side: int | None = None) -> VLExample:
     from PIL import Image, ImageDraw
 
     rng = random.Random(seed)
-    sides = _sides_up_to(max_side, SIDES)
+    sides = _read_sides(max_side)
     while True:
         height, width = rng.choice(sides), rng.choice(sides)
         if max(height, width) / min(height, width) <= 4.5:

@@ -2,8 +2,10 @@
 
 The model is a :class:`~qwen_edu.models.qwen2_vl.Qwen2VLForConditionalGeneration` scaled down (a 2-block ViT,
 a 3-layer decoder; the book's choice of sizes), trained from scratch on the two generated tasks of
-:mod:`qwen_edu.corpus.vl_resolution` with the loss on the answer only. Three variants are trained with the
-same seed, data and schedule, and differ in one thing each:
+:mod:`qwen_edu.corpus.vl_resolution` with the loss on the answer only, in two stages: first *read* alone with
+pictures that grow from one merged token to full size (:func:`curriculum_side`), then both tasks at full size
+(from scratch, a model shown full-size pictures from the start never leaves the guessing loss on *read*). Three
+variants are trained with the same seed, data and schedule, and differ in one thing each:
 
 * ``dynamic`` -- the real recipe: every picture at its own resolution, M-RoPE positions;
 * ``fixed`` -- every picture (and video frame) squashed to one square of :data:`FIXED_SIDE` pixels, with at
